@@ -1,0 +1,69 @@
+"""Small private helpers shared by the core modules (broadcasting, concreteness, validation)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(*values) -> bool:
+    """True when no value is a tracer or a placeholder (so it can be inspected on the host)."""
+    for v in values:
+        if isinstance(v, jax.core.Tracer):
+            return False
+        if not isinstance(v, (int, float, np.ndarray, np.generic, jax.Array)):
+            return False
+    return True
+
+
+def as_float_array(t) -> jax.Array:
+    """`jnp.asarray(t)` promoted to a floating dtype (integers become the default float)."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.result_type(float))
+    return t
+
+
+def broadcast_to_batch(c: jax.Array, x: jax.Array, name: str = "t") -> jax.Array:
+    """Reshape a per-example coefficient of shape () or (B,) so it broadcasts against x (B, ...)."""
+    c = jnp.asarray(c)
+    if c.ndim == 0:
+        return c
+    if c.ndim == 1 and x.ndim >= 1 and c.shape[0] == x.shape[0]:
+        return c.reshape(c.shape + (1,) * (x.ndim - 1))
+    raise ValueError(
+        f"{name} must have shape () or (B,) with B = x.shape[0]; got {name}.shape = {c.shape} "
+        f"for x.shape = {x.shape}."
+    )
+
+
+def check_times(process, t, name: str = "t", *, lower=None, upper=None) -> None:
+    """Raise ValueError if a concrete `t` lies outside [lower, upper] (default the process range).
+
+    Does nothing for traced values: range errors inside `jit` are the caller's responsibility.
+    """
+    lo = process.t_min if lower is None else lower
+    hi = process.t_max if upper is None else upper
+    if not is_concrete(t, lo, hi):
+        return
+    t_np = np.asarray(t, dtype=np.float64)
+    if not np.all(np.isfinite(t_np)):
+        raise ValueError(f"{name} must be finite; got {t_np}.")
+    lo, hi = float(np.asarray(lo)), float(np.asarray(hi))
+    # A relative slack of a few float32 ulps lets grids built in float32 hit the end points.
+    slack = 4 * float(np.finfo(np.float32).eps)
+    if np.any(t_np < lo - slack * abs(lo)) or np.any(t_np > hi + slack * abs(hi)):
+        raise ValueError(
+            f"{name} must lie in [{lo}, {hi}] for {type(process).__name__}; got values in "
+            f"[{t_np.min()}, {t_np.max()}]."
+        )
+
+
+def check_positive(value, name: str, *, allow_zero: bool = False) -> None:
+    """Raise ValueError unless a concrete scalar/array is (strictly) positive and finite."""
+    if not is_concrete(value):
+        return
+    v = np.asarray(value, dtype=np.float64)
+    ok = np.all(v >= 0) if allow_zero else np.all(v > 0)
+    if not (ok and np.all(np.isfinite(v))):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be finite and {kind}; got {value}.")
