@@ -1,0 +1,156 @@
+r"""The shared machinery of every sampler: one ``lax.scan`` over consecutive grid pairs.
+
+A sampler is a pure function ``(key, denoiser, process, x_init, ts, *, cond=None, ...) -> x``.
+It integrates from ``ts[0]`` to ``ts[-1]`` over the pairs ``(ts[i], ts[i+1])`` of a strictly
+decreasing grid. Each method supplies a *step* ``(carry, StepInput) -> carry`` and an initial
+carry; :func:`integrate` runs the scan, feeds per-example noise and a step counter, and
+optionally records the trajectory.
+
+Noise. Stochastic samplers draw the noise of example ``i`` at step ``n`` from
+``fold_in(fold_in(key, example_index[i]), n)``, so a sample depends only on its own index and
+the key -- never on the batch size, chunking or sharding. Explicit noise (common random numbers,
+replay) is accepted as an array of shape ``(num_steps, num_draws, B, ...)``.
+
+Final step to zero. A grid may end with an exact 0; the last step then returns the
+denoiser's :math:`\hat x_0` (``where(s == 0, x0_hat, x_next)``), with the update itself
+evaluated at a safe stand-in time so that neither values nor gradients see ``inf`` or ``nan``.
+This works for traced grids too, so grids can be learned.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._utils import is_concrete
+from ..timesteps import check_grid
+
+
+class StepInput(NamedTuple):
+    """What the scan feeds one step: index, current and next time, and this step's noise."""
+
+    index: jax.Array  # () int32, the step number n
+    t: jax.Array  # () current time
+    s: jax.Array  # () next time (< t; may be exactly 0 at the last step)
+    noise: Any  # (num_draws, B, ...) standard normals, or None for deterministic methods
+
+
+def example_keys(key, batch, example_index=None):
+    """Per-example keys ``fold_in(key, example_index[i])`` (default index ``arange(batch)``)."""
+    if example_index is None:
+        example_index = jnp.arange(batch, dtype=jnp.uint32)
+    else:
+        example_index = jnp.asarray(example_index)
+        if example_index.shape != (batch,):
+            raise ValueError(
+                f"example_index must have shape (B,) = ({batch},); got {example_index.shape}."
+            )
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_index)
+
+
+def draw_noise(keys, step, num_draws, shape, dtype):
+    """Standard normals of shape ``(num_draws, B, *shape)`` for step ``step``."""
+
+    def one(k):
+        return jax.random.normal(jax.random.fold_in(k, step), (num_draws, *shape), dtype)
+
+    return jnp.moveaxis(jax.vmap(one)(keys), 0, 1)
+
+
+def call_denoiser(denoiser, x, t, cond):
+    """Evaluate the denoiser at a scalar time broadcast to ``(B,)``; output in >= float32."""
+    tb = jnp.full((x.shape[0],), t, dtype=jnp.result_type(t))
+    out = denoiser(x, tb, cond)
+    if out.shape != x.shape:
+        raise ValueError(f"denoiser returned shape {out.shape}; expected x.shape = {x.shape}.")
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
+
+
+def coeff_dtype(x, ts):
+    """Step coefficients are computed in at least float32 whatever the state dtype."""
+    return jnp.promote_types(jnp.promote_types(x.dtype, ts.dtype), jnp.float32)
+
+
+def half_log_snr(process, t):
+    r""":math:`\log(\alpha/\sigma) = \lambda/2`, the variable of exponential integrators."""
+    return 0.5 * process.log_snr(t)
+
+
+def safe_next_time(t, s):
+    """``s`` where positive, else ``t``: a zero-length stand-in step for a final exact 0."""
+    return jnp.where(s > 0, s, t)
+
+
+def safe_div(num, den):
+    """``num / den`` with ``den == 0`` replaced by 1 on both branches (finite gradients)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def check_inputs(process, x_init, ts, *, noise=None, num_draws=0):
+    """Validate the grid, the state, and the shape of explicit noise (outside jit)."""
+    check_grid(process, ts)
+    if jnp.ndim(x_init) < 1:
+        raise ValueError(f"x_init must have a leading batch axis; got shape {jnp.shape(x_init)}.")
+    if not jnp.issubdtype(jnp.asarray(x_init).dtype, jnp.floating):
+        raise TypeError(f"x_init must be a floating array; got dtype {jnp.asarray(x_init).dtype}.")
+    if is_concrete(x_init) and not np.all(np.isfinite(np.asarray(x_init, dtype=np.float64))):
+        raise ValueError("x_init must be finite.")
+    if noise is not None:
+        expected = (np.shape(ts)[0] - 1, num_draws, *np.shape(x_init))
+        if num_draws == 0:
+            raise ValueError("noise was given but this sampler is deterministic.")
+        if tuple(np.shape(noise)) != expected:
+            raise ValueError(
+                f"noise must have shape (num_steps, num_draws, *x_init.shape) = {expected}; "
+                f"got {tuple(np.shape(noise))}."
+            )
+
+
+def integrate(
+    step: Callable,
+    carry,
+    ts,
+    *,
+    key=None,
+    noise=None,
+    num_draws: int = 0,
+    state_shape=None,
+    dtype=None,
+    example_index=None,
+    record: Callable | None = None,
+):
+    """Run ``step`` over the consecutive pairs of ``ts`` in one ``lax.scan``.
+
+    Args:
+        step: ``step(carry, StepInput) -> carry``.
+        carry: initial carry (any pytree).
+        ts: decreasing grid, shape ``(N + 1,)``.
+        key: typed key for generated noise (needed when ``num_draws > 0`` and ``noise`` is None).
+        noise: explicit noise of shape ``(N, num_draws, B, ...)``.
+        num_draws: standard-normal draws of the state's shape per step.
+        state_shape, dtype: shape ``(B, ...)`` and dtype of the noise.
+        example_index: global example indices ``(B,)`` for the noise streams.
+        record: if given, ``record(carry) -> array`` is stacked over steps (trajectories).
+
+    Returns:
+        The final carry, and the recorded stack (or None).
+    """
+    num_steps = ts.shape[0] - 1
+    if num_draws and noise is None:
+        if key is None:
+            raise ValueError("key is required for a stochastic sampler without explicit noise.")
+        keys = example_keys(key, state_shape[0], example_index)
+    else:
+        keys = None
+
+    def body(carry, xs):
+        index, t, s, z = xs
+        if num_draws and z is None:
+            z = draw_noise(keys, index, num_draws, state_shape[1:], dtype)
+        carry = step(carry, StepInput(index, t, s, z))
+        return carry, (record(carry) if record is not None else None)
+
+    xs = (jnp.arange(num_steps, dtype=jnp.int32), ts[:-1], ts[1:], noise)
+    return jax.lax.scan(body, carry, xs)

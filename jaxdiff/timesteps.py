@@ -1,0 +1,155 @@
+r"""Decreasing time grids for samplers, and their validation.
+
+Every grid has ``num_steps + 1`` points running from ``t_start`` (default ``process.t_max``)
+down to ``t_end`` (default ``process.t_min``). With ``final_zero=True`` the last point is an
+exact 0 instead (EDM/Karras style: the last step returns the denoiser's :math:`\hat x_0`) and
+the first ``num_steps`` points span ``[t_end, t_start]``.
+
+Grids are built in float64 numpy on the host (they are static schedules) and returned as
+``jnp`` arrays in the default float dtype; pass ``dtype`` to choose. Each schedule is defined
+on a process-independent axis (time, noise level or log-SNR) and mapped to times with the
+process's inverse, so the same grid means the same thing for every process.
+"""
+
+import numpy as np
+import jax.numpy as jnp
+
+from ._utils import is_concrete
+
+__all__ = [
+    "uniform_t",
+    "uniform_log_snr",
+    "karras",
+    "quadratic",
+    "ddpm",
+    "check_grid",
+]
+
+
+def _ends(process, t_start, t_end):
+    t_start = float(process.t_max if t_start is None else t_start)
+    t_end = float(process.t_min if t_end is None else t_end)
+    if not t_start > t_end:
+        raise ValueError(f"t_start must be > t_end; got t_start={t_start}, t_end={t_end}.")
+    return t_start, t_end
+
+
+def _num_points(num_steps, final_zero):
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int; got {num_steps!r}.")
+    if final_zero and num_steps < 2:
+        raise ValueError("num_steps must be >= 2 with final_zero=True.")
+    return num_steps if final_zero else num_steps + 1
+
+
+def _finish(ts, process, final_zero, dtype):
+    ts = np.asarray(ts, dtype=np.float64)
+    if final_zero:
+        ts = np.concatenate([ts, [0.0]])
+    out = jnp.asarray(ts, dtype=dtype)
+    check_grid(process, out, name="grid")
+    return out
+
+
+def uniform_t(process, num_steps, *, t_start=None, t_end=None, final_zero=False, dtype=None):
+    r"""Uniform in time: :math:`t_i = t_{\rm start} + \tfrac{i}{n-1}(t_{\rm end} - t_{\rm start})`.
+
+    Examples:
+        >>> ts = uniform_t(jaxdiff.VPProcess(), 10)       # 11 points from 1 to 1e-3
+    """
+    t0, t1 = _ends(process, t_start, t_end)
+    n = _num_points(num_steps, final_zero)
+    return _finish(np.linspace(t0, t1, n), process, final_zero, dtype)
+
+
+def quadratic(process, num_steps, *, t_start=None, t_end=None, final_zero=False, dtype=None):
+    r"""Uniform in :math:`\sqrt t` (DDIM's quadratic schedule): dense near ``t_end``."""
+    t0, t1 = _ends(process, t_start, t_end)
+    n = _num_points(num_steps, final_zero)
+    return _finish(np.linspace(np.sqrt(t0), np.sqrt(t1), n) ** 2, process, final_zero, dtype)
+
+
+def uniform_log_snr(process, num_steps, *, t_start=None, t_end=None, final_zero=False,
+                    dtype=None):
+    r"""Uniform in log-SNR :math:`\lambda` (DPM-Solver's ``logSNR``; EDM's "exponential" sigmas).
+
+    .. math:: \lambda_i = \lambda(t_{\rm start}) + \tfrac{i}{n-1}\big(\lambda(t_{\rm end})
+        - \lambda(t_{\rm start})\big), \qquad t_i = \lambda^{-1}(\lambda_i).
+    """
+    t0, t1 = _ends(process, t_start, t_end)
+    n = _num_points(num_steps, final_zero)
+    lam = np.linspace(float(process.log_snr(t0)), float(process.log_snr(t1)), n)
+    ts = np.array(process.t_from_log_snr(jnp.asarray(lam)), dtype=np.float64)
+    ts[0], ts[-1] = t0, t1  # the inverse is exact to round-off; pin the end points
+    return _finish(ts, process, final_zero, dtype)
+
+
+def karras(process, num_steps, *, rho=7.0, t_start=None, t_end=None, final_zero=False,
+           dtype=None):
+    r"""Karras et al. (2022) schedule, uniform in :math:`s^{1/\rho}` of the noise level :math:`s`.
+
+    .. math:: s_i = \Big(s_{\max}^{1/\rho} + \tfrac{i}{n-1}\big(s_{\min}^{1/\rho}
+        - s_{\max}^{1/\rho}\big)\Big)^{\rho}, \qquad s = \sigma/\alpha,
+
+    mapped to times by ``process.t_from_noise_level`` (for :class:`EDMProcess` :math:`t = s`).
+
+    Examples:
+        >>> ts = karras(jaxdiff.EDMProcess(), 18, final_zero=True)  # EDM: 80 ... 0.002, 0
+    """
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0; got {rho}.")
+    t0, t1 = _ends(process, t_start, t_end)
+    n = _num_points(num_steps, final_zero)
+    s_max, s_min = float(process.noise_level(t0)), float(process.noise_level(t1))
+    ramp = np.linspace(0.0, 1.0, n)
+    s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    ts = np.array(process.t_from_noise_level(jnp.asarray(s)), dtype=np.float64)
+    ts[0], ts[-1] = t0, t1
+    return _finish(ts, process, final_zero, dtype)
+
+
+def ddpm(process, num_steps, *, spacing="leading", steps_offset=0, final_zero=True, dtype=None):
+    r"""Respaced DDPM grid for a :class:`DiscreteVPProcess` (diffusers' spacings).
+
+    The ``num_steps`` table times ``(n+1)/N`` of ``process.timestep_indices``, followed by an
+    exact 0 (``final_zero=True``: the last step returns :math:`\hat x_0`, like
+    ``set_alpha_to_one``) -- so ``num_steps`` network evaluations.
+    """
+    if not hasattr(process, "timestep_indices"):
+        raise TypeError(
+            f"process must be a DiscreteVPProcess for ddpm grids; got {type(process).__name__}."
+        )
+    ts = process.timesteps(num_steps, spacing, steps_offset)
+    if not final_zero and len(ts) < 2:
+        raise ValueError("num_steps must be >= 2 without final_zero.")
+    return _finish(ts, process, final_zero, dtype)
+
+
+def check_grid(process, ts, *, name="ts", allow_final_zero=True):
+    """Validate a sampler grid: 1-D, >= 2 points, finite, strictly decreasing, in range.
+
+    Inside ``[t_min, t_max]`` of ``process`` except that the last point may be exactly 0 when
+    ``allow_final_zero``. Traced grids are not checked (the caller owns validation inside jit).
+
+    Raises:
+        ValueError naming ``name`` and the violated condition.
+    """
+    shape = np.shape(ts)
+    if len(shape) != 1 or shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 points; got shape {shape}.")
+    if not is_concrete(ts, process.t_min, process.t_max):
+        return
+    t = np.asarray(ts, dtype=np.float64)
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"{name} must be finite; got {t}.")
+    if not np.all(np.diff(t) < 0):
+        raise ValueError(f"{name} must be strictly decreasing; got {t}.")
+    inner = t[:-1] if (allow_final_zero and t[-1] == 0.0) else t
+    lo, hi = float(np.asarray(process.t_min)), float(np.asarray(process.t_max))
+    slack = 4 * float(np.finfo(np.float32).eps)
+    if inner.min() < lo * (1 - slack) or inner.max() > hi * (1 + slack):
+        raise ValueError(
+            f"{name} must lie in [t_min, t_max] = [{lo}, {hi}] of {type(process).__name__}"
+            + (" (a final exact 0 is allowed)" if allow_final_zero else "")
+            + f"; got values in [{t.min()}, {t.max()}]."
+        )
