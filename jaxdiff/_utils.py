@@ -1,5 +1,7 @@
 """Small private helpers shared by the core modules (broadcasting, concreteness, validation)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +69,39 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> None:
     if not (ok and np.all(np.isfinite(v))):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be finite and {kind}; got {value}.")
+
+
+def pytree_dataclass(cls):
+    """Frozen, keyword-only, identity-compared dataclass registered as a pytree node.
+
+    Fields with ``metadata=dict(static=True)`` are auxiliary data; all others are leaves.
+    Registered with ``register_pytree_with_keys`` rather than ``register_dataclass`` so that the
+    class itself is part of the tree structure (two classes with the same number of fields must
+    never share a compiled function), and unflattened without calling ``__init__`` so that
+    transformations may fill the leaves with tracers, zeros, batched arrays or placeholders
+    without tripping the constructor's validation.
+    """
+    cls = dataclasses.dataclass(frozen=True, kw_only=True, eq=False)(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    data_names = tuple(f.name for f in fields if not f.metadata.get("static", False))
+    meta_names = tuple(f.name for f in fields if f.metadata.get("static", False))
+
+    def flatten_with_keys(obj):
+        children = tuple((jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in data_names)
+        return children, tuple(getattr(obj, n) for n in meta_names)
+
+    def flatten(obj):
+        return tuple(getattr(obj, n) for n in data_names), tuple(
+            getattr(obj, n) for n in meta_names
+        )
+
+    def unflatten(meta, children):
+        obj = object.__new__(cls)
+        for name, value in zip(data_names, children):
+            object.__setattr__(obj, name, value)
+        for name, value in zip(meta_names, meta):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls

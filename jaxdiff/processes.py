@@ -22,14 +22,20 @@ outside ``[t_min, t_max]``.
 """
 
 import abc
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._utils import as_float_array, broadcast_to_batch, check_positive, check_times, is_concrete
+from ._utils import (
+    as_float_array,
+    broadcast_to_batch,
+    check_positive,
+    check_times,
+    is_concrete,
+    pytree_dataclass,
+)
 
 __all__ = [
     "AbstractProcess",
@@ -46,12 +52,6 @@ __all__ = [
 ]
 
 _LOG_2 = math.log(2.0)
-
-
-def _process(cls):
-    """Frozen, keyword-only, identity-compared dataclass registered as a pytree."""
-    cls = dataclasses.dataclass(frozen=True, kw_only=True, eq=False)(cls)
-    return jax.tree_util.register_dataclass(cls)
 
 
 class AbstractProcess(abc.ABC):
@@ -232,18 +232,24 @@ class AbstractProcess(abc.ABC):
 
     # -- validation --------------------------------------------------------------------------------
 
-    def _check_range(self, t_upper_limit=None):
-        """Validate t_min/t_max when concrete (called from __post_init__)."""
+    def _check_range(self, t_upper_limit=None, *, alpha_vanishes_at_1=False):
+        """Validate concrete t_min/t_max (called from __post_init__; arrays checked elementwise)."""
         if not is_concrete(self.t_min, self.t_max):
             return
-        t_min, t_max = float(np.asarray(self.t_min)), float(np.asarray(self.t_max))
+        t_min, t_max = _np(self.t_min), _np(self.t_max)
         name = type(self).__name__
-        if not (np.isfinite(t_min) and t_min > 0):
-            raise ValueError(f"{name}: t_min must be finite and > 0; got {t_min}.")
-        if not (np.isfinite(t_max) and t_max > t_min):
-            raise ValueError(f"{name}: t_max must be finite and > t_min = {t_min}; got {t_max}.")
-        if t_upper_limit is not None and t_max > t_upper_limit:
-            raise ValueError(f"{name}: t_max must be <= {t_upper_limit}; got {t_max}.")
+        if not np.all(np.isfinite(t_min) & (t_min > 0)):
+            raise ValueError(f"{name}: t_min must be finite and > 0; got {self.t_min}.")
+        if not np.all(np.isfinite(t_max) & (t_max > t_min)):
+            raise ValueError(f"{name}: t_max must be finite and > t_min; got {self.t_max}.")
+        if t_upper_limit is not None and np.any(t_max > t_upper_limit):
+            raise ValueError(f"{name}: t_max must be <= {t_upper_limit}; got {self.t_max}.")
+        if alpha_vanishes_at_1 and np.any(t_max >= 1.0):
+            raise ValueError(f"{name}: t_max must be < 1 (alpha(1) = 0); got {self.t_max}.")
+
+
+def _np(value):
+    return np.asarray(value, dtype=np.float64)
 
 
 class _AbstractVP(AbstractProcess):
@@ -302,14 +308,14 @@ def _check_linear_betas(process):
         return
     check_positive(process.beta_min, "beta_min", allow_zero=True)
     check_positive(process.beta_max, "beta_max")
-    if float(np.asarray(process.beta_max)) < float(np.asarray(process.beta_min)):
+    if np.any(_np(process.beta_max) < _np(process.beta_min)):
         raise ValueError(
             f"beta_max must be >= beta_min; got beta_min={process.beta_min}, "
             f"beta_max={process.beta_max}."
         )
 
 
-@_process
+@pytree_dataclass
 class VPProcess(_AbstractVP):
     r"""Variance-preserving process with a linear :math:`\beta` schedule (Song et al., 2021).
 
@@ -344,7 +350,7 @@ class VPProcess(_AbstractVP):
         return -0.5 * (self.beta_min + as_float_array(t) * (self.beta_max - self.beta_min))
 
 
-@_process
+@pytree_dataclass
 class CosineVPProcess(_AbstractVP):
     r"""Cosine variance-preserving process (Nichol & Dhariwal, 2021) in continuous time.
 
@@ -363,18 +369,20 @@ class CosineVPProcess(_AbstractVP):
 
     def __post_init__(self):
         check_positive(self.s, "s", allow_zero=True)
-        self._check_range()
-        if is_concrete(self.t_max) and float(np.asarray(self.t_max)) >= 1.0:
-            raise ValueError(f"CosineVPProcess: t_max must be < 1 (alpha(1) = 0); got {self.t_max}.")
+        self._check_range(alpha_vanishes_at_1=True)
 
     def _theta(self, t):
         return (as_float_array(t) + self.s) / (1.0 + self.s) * (0.5 * jnp.pi)
 
+    def _cos_theta(self, t):
+        # cos(theta) = sin((1 - t) / (1 + s) * pi / 2): accurate where theta -> pi / 2.
+        return jnp.sin((1.0 - as_float_array(t)) / (1.0 + self.s) * (0.5 * jnp.pi))
+
     def log_alpha(self, t):
-        return jnp.log(jnp.cos(self._theta(t))) - jnp.log(jnp.cos(self._theta(0.0)))
+        return jnp.log(self._cos_theta(t)) - jnp.log(self._cos_theta(0.0))
 
     def t_from_log_alpha(self, log_alpha):
-        theta = jnp.arccos(jnp.exp(as_float_array(log_alpha)) * jnp.cos(self._theta(0.0)))
+        theta = jnp.arccos(jnp.exp(as_float_array(log_alpha)) * self._cos_theta(0.0))
         return theta * (1.0 + self.s) / (0.5 * jnp.pi) - self.s
 
     def f(self, t):
@@ -433,12 +441,13 @@ def rescale_zero_terminal_snr(betas):
     return 1.0 - alphas
 
 
-# The continuous-time interpolation keeps abar >= 2^-24 so that a zero-terminal-SNR table still
-# has a finite log-SNR at t = 1 (the same floor diffusers' multistep solvers use).
+# The continuous-time interpolation replaces an exact abar = 0 (zero terminal SNR) by 2^-24 so
+# the log-SNR stays finite at t = 1 (the value diffusers' multistep solvers use); other tables
+# are interpolated as they are.
 _MIN_ALPHA_BAR_LOG = -24.0 * math.log(2.0)
 
 
-@_process
+@pytree_dataclass
 class DiscreteVPProcess(_AbstractVP):
     r"""Variance-preserving process from a discrete DDPM beta table, in continuous time.
 
@@ -446,8 +455,8 @@ class DiscreteVPProcess(_AbstractVP):
     :math:`\alpha(t_n) = \sqrt{\bar\alpha_n}`, :math:`\bar\alpha_n = \prod_{i \le n}(1-\beta_i)`,
     and :math:`\alpha(0) = 1`. Between knots :math:`\log\alpha` is linear in :math:`t` (the
     convention of DPM-Solver's discrete schedules), so :math:`f` is piecewise constant. A
-    zero-terminal-SNR table has :math:`\bar\alpha_{N-1}` floored at :math:`2^{-24}` for the
-    interpolation.
+    zero-terminal-SNR table has its exact :math:`\bar\alpha_{N-1} = 0` replaced by
+    :math:`2^{-24}` for the interpolation.
 
     ``betas`` is pytree data: it can be differentiated or learned.
 
@@ -464,8 +473,8 @@ class DiscreteVPProcess(_AbstractVP):
 
     def __post_init__(self):
         if is_concrete(self.betas):
-            b = np.asarray(self.betas, dtype=np.float64)
-            if b.ndim != 1 or b.shape[0] < 2:
+            b = _np(self.betas)
+            if b.ndim < 1 or b.shape[-1] < 2:
                 raise ValueError(f"betas must have shape (N,) with N >= 2; got {b.shape}.")
             if not np.all((b > 0) & (b <= 1)):
                 raise ValueError("betas must lie in (0, 1].")
@@ -512,14 +521,16 @@ class DiscreteVPProcess(_AbstractVP):
 
     def _knots(self, dtype):
         betas = jnp.asarray(self.betas, dtype)
-        log_abar = jnp.maximum(jnp.cumsum(jnp.log1p(-betas)), _MIN_ALPHA_BAR_LOG)
+        log_abar = jnp.cumsum(jnp.log1p(-betas))
+        log_abar = jnp.where(jnp.isfinite(log_abar), log_abar, _MIN_ALPHA_BAR_LOG)
         n = betas.shape[0]
         t_knots = jnp.arange(n + 1, dtype=dtype) / n
         la_knots = jnp.concatenate([jnp.zeros((1,), dtype), 0.5 * log_abar])
         return t_knots, la_knots
 
     def _dtype(self, x):
-        return jnp.result_type(as_float_array(x).dtype, jnp.asarray(self.betas).dtype)
+        # Coefficients follow the dtype of t (float32 t -> float32 table), like other processes.
+        return as_float_array(x).dtype
 
     def log_alpha(self, t):
         t = as_float_array(t)
@@ -580,7 +591,7 @@ class DiscreteVPProcess(_AbstractVP):
         return self.time_from_index(self.timestep_indices(num_steps, spacing, steps_offset))
 
 
-@_process
+@pytree_dataclass
 class SubVPProcess(AbstractProcess):
     r"""Sub-VP process (Song et al., 2021): VP drift, smaller diffusion.
 
@@ -631,7 +642,7 @@ class SubVPProcess(AbstractProcess):
         return -2.0 * self.f(t) * jnp.exp(2.0 * self._log_alpha(t))
 
 
-@_process
+@pytree_dataclass
 class VEProcess(AbstractProcess):
     r"""Variance-exploding process (Song et al., 2021), marginal defined from :math:`x_0`.
 
@@ -653,8 +664,8 @@ class VEProcess(AbstractProcess):
     def __post_init__(self):
         check_positive(self.sigma_min, "sigma_min")
         check_positive(self.sigma_max, "sigma_max")
-        if is_concrete(self.sigma_min, self.sigma_max) and float(np.asarray(self.sigma_max)) <= float(
-            np.asarray(self.sigma_min)
+        if is_concrete(self.sigma_min, self.sigma_max) and np.any(
+            _np(self.sigma_max) <= _np(self.sigma_min)
         ):
             raise ValueError(
                 f"sigma_max must be > sigma_min; got sigma_min={self.sigma_min}, "
@@ -692,7 +703,7 @@ class VEProcess(AbstractProcess):
         return 0.5 * self.g2(t) / self.sigma(t)
 
 
-@_process
+@pytree_dataclass
 class EDMProcess(AbstractProcess):
     r"""EDM process (Karras et al., 2022): :math:`t = \sigma`, :math:`\alpha = 1`.
 
@@ -733,7 +744,7 @@ class EDMProcess(AbstractProcess):
         return jnp.ones_like(as_float_array(t))
 
 
-@_process
+@pytree_dataclass
 class RectifiedFlowProcess(AbstractProcess):
     r"""Linear interpolant / rectified flow: :math:`x_t = (1-t) x_0 + t\varepsilon`.
 
@@ -749,11 +760,7 @@ class RectifiedFlowProcess(AbstractProcess):
     t_max: float = 0.999
 
     def __post_init__(self):
-        self._check_range()
-        if is_concrete(self.t_max) and float(np.asarray(self.t_max)) >= 1.0:
-            raise ValueError(
-                f"RectifiedFlowProcess: t_max must be < 1 (alpha(1) = 0); got {self.t_max}."
-            )
+        self._check_range(alpha_vanishes_at_1=True)
 
     def alpha(self, t):
         return 1.0 - as_float_array(t)
@@ -779,7 +786,7 @@ class RectifiedFlowProcess(AbstractProcess):
         return jnp.ones_like(as_float_array(t))
 
 
-@_process
+@pytree_dataclass
 class OUProcess(AbstractProcess):
     r"""Constant-coefficient Ornstein–Uhlenbeck process :math:`dx = -x\,dt + dW`.
 
