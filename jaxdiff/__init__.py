@@ -1,6 +1,22 @@
-"""jaxdiff: a functional diffusion-model library in JAX."""
+"""jaxdiff: a functional diffusion-model library in JAX.
 
+Modules: :mod:`~jaxdiff.processes` (forward processes), :mod:`~jaxdiff.predictions`
+(prediction types, the Denoiser contract), :mod:`~jaxdiff.analytic` (exact distributions),
+:mod:`~jaxdiff.timesteps` (grids), :mod:`~jaxdiff.samplers` (lax.scan samplers) and
+:mod:`~jaxdiff.metrics` (distances between sample sets).
+"""
+
+from . import analytic as analytic
+from . import metrics as metrics
+from . import predictions as predictions
 from . import processes as processes
+from . import samplers as samplers
+from . import timesteps as timesteps
+from .predictions import Denoiser as Denoiser
+from .predictions import convert as convert
+from .predictions import edm_precondition as edm_precondition
+from .predictions import from_denoiser as from_denoiser
+from .predictions import to_denoiser as to_denoiser
 from .processes import AbstractProcess as AbstractProcess
 from .processes import CosineVPProcess as CosineVPProcess
 from .processes import DiscreteVPProcess as DiscreteVPProcess
@@ -10,10 +26,30 @@ from .processes import RectifiedFlowProcess as RectifiedFlowProcess
 from .processes import SubVPProcess as SubVPProcess
 from .processes import VEProcess as VEProcess
 from .processes import VPProcess as VPProcess
+from .samplers import sample as sample
 
-from . import predictions as predictions
-from .predictions import Denoiser as Denoiser
-from .predictions import convert as convert
-from .predictions import edm_precondition as edm_precondition
-from .predictions import from_denoiser as from_denoiser
-from .predictions import to_denoiser as to_denoiser
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractProcess",
+    "CosineVPProcess",
+    "Denoiser",
+    "DiscreteVPProcess",
+    "EDMProcess",
+    "OUProcess",
+    "RectifiedFlowProcess",
+    "SubVPProcess",
+    "VEProcess",
+    "VPProcess",
+    "analytic",
+    "convert",
+    "edm_precondition",
+    "from_denoiser",
+    "metrics",
+    "predictions",
+    "processes",
+    "samplers",
+    "sample",
+    "timesteps",
+    "to_denoiser",
+]

@@ -5,14 +5,16 @@ down to ``t_end`` (default ``process.t_min``). With ``final_zero=True`` the last
 exact 0 instead (EDM/Karras style: the last step returns the denoiser's :math:`\hat x_0`) and
 the first ``num_steps`` points span ``[t_end, t_start]``.
 
-Grids are built in float64 numpy on the host (they are static schedules) and returned as
-``jnp`` arrays in the default float dtype; pass ``dtype`` to choose. Each schedule is defined
+Grids are built in float64 numpy on the host (they are static schedules, also when called
+under ``jit``, provided the process is not itself a traced argument) and returned as ``jnp``
+arrays in the default float dtype; pass ``dtype`` to choose. Each schedule is defined
 on a process-independent axis (time, noise level or log-SNR) and mapped to times with the
 process's inverse, so the same grid means the same thing for every process.
 """
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._utils import is_concrete
 
@@ -78,8 +80,9 @@ def uniform_log_snr(process, num_steps, *, t_start=None, t_end=None, final_zero=
     """
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
-    lam = np.linspace(float(process.log_snr(t0)), float(process.log_snr(t1)), n)
-    ts = np.array(process.t_from_log_snr(jnp.asarray(lam)), dtype=np.float64)
+    with jax.ensure_compile_time_eval():  # a host-side schedule, even when called under jit
+        lam = np.linspace(float(process.log_snr(t0)), float(process.log_snr(t1)), n)
+        ts = np.array(process.t_from_log_snr(jnp.asarray(lam)), dtype=np.float64)
     ts[0], ts[-1] = t0, t1  # the inverse is exact to round-off; pin the end points
     return _finish(ts, process, final_zero, dtype)
 
@@ -100,10 +103,11 @@ def karras(process, num_steps, *, rho=7.0, t_start=None, t_end=None, final_zero=
         raise ValueError(f"rho must be > 0; got {rho}.")
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
-    s_max, s_min = float(process.noise_level(t0)), float(process.noise_level(t1))
-    ramp = np.linspace(0.0, 1.0, n)
-    s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    ts = np.array(process.t_from_noise_level(jnp.asarray(s)), dtype=np.float64)
+    with jax.ensure_compile_time_eval():  # a host-side schedule, even when called under jit
+        s_max, s_min = float(process.noise_level(t0)), float(process.noise_level(t1))
+        ramp = np.linspace(0.0, 1.0, n)
+        s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        ts = np.array(process.t_from_noise_level(jnp.asarray(s)), dtype=np.float64)
     ts[0], ts[-1] = t0, t1
     return _finish(ts, process, final_zero, dtype)
 
