@@ -27,7 +27,8 @@ network of any kind, :func:`from_denoiser` goes back, and :func:`edm_preconditio
 network with EDM's preconditioning for any process.
 """
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp

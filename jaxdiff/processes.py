@@ -118,7 +118,7 @@ class AbstractProcess(abc.ABC):
         r""":math:`d\lambda/dt = -g^2/\sigma^2` (negative)."""
         return -self.g2(t) / jnp.square(self.sigma(t))
 
-    # -- reverse-time dynamics in terms of a denoiser -----------------------------------------------
+    # -- reverse-time dynamics in terms of a denoiser ---------------------------------------------
 
     def pf_velocity(self, x, t, x0_hat):
         r"""Probability-flow ODE velocity :math:`dx/dt` given the denoiser output.
@@ -202,7 +202,7 @@ class AbstractProcess(abc.ABC):
         return x_t.astype(x0.dtype), eps
 
     def prior_std(self):
-        r"""Standard deviation :math:`\sigma(t_{\max})` of the prior :math:`N(0, \sigma(t_{\max})^2 I)`.
+        r"""Standard deviation :math:`\sigma(t_{\max})` of the prior, :math:`N(0, \sigma^2 I)`.
 
         The prior is the marginal at ``t_max`` of data concentrated at 0; it neglects the
         :math:`\alpha(t_{\max}) x_0` term (small for VP-type processes, zero for none).

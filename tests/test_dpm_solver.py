@@ -500,7 +500,7 @@ def gradients():
     @jax.jit
     def grads(x, ts):
         return {
-            name: jax.grad(lambda x, ts: jnp.sum(jnp.square(f(x, ts))), argnums=(0, 1))(x, ts)
+            name: jax.grad(lambda x, ts, f=f: jnp.sum(jnp.square(f(x, ts))), argnums=(0, 1))(x, ts)
             for name, f in samplers.items()
         }
 

@@ -110,7 +110,7 @@ def _poly_setup(order):
     return ts, grid[k - 1::-1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _poly_errors():
     """|error| (B = degrees,) for every (order, variant, corrector), from one compiled function."""
     coeffs = _poly_coeffs()
@@ -191,7 +191,7 @@ def _conv_errors(x_T, full, order):
     return jnp.stack([jnp.max(jnp.abs(o - flow(full[-1]))) for o in out])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_tables():
     """order -> errors (len(CONV_NS[order]), 2) without/with corrector, one compiled function."""
     x_T, _ = CONV_GAUSS.sample_marginal(jax.random.key(3), EDM, 80.0, CONV_B)

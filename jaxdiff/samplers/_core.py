@@ -17,7 +17,8 @@ evaluated at a safe stand-in time so that neither values nor gradients see ``inf
 This works for traced grids too, so grids can be learned.
 """
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,23 @@ def half_log_snr(process, t):
 def safe_next_time(t, s):
     """``s`` where positive, else ``t``: a zero-length stand-in step for a final exact 0."""
     return jnp.where(s > 0, s, t)
+
+
+def bcast(c, x):
+    """Reshape a coefficient of shape () or (B,) so it broadcasts against ``x`` (B, ...)."""
+    c = jnp.asarray(c)
+    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
+
+
+def safe_sqrt(v):
+    """sqrt with a zero (not nan) gradient at 0."""
+    pos = v > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+
+
+def is_python_zero(value):
+    """A Python number equal to 0 (a static 'off' switch, e.g. eta = 0 draws no noise)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def safe_div(num, den):

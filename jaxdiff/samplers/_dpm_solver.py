@@ -35,13 +35,16 @@ import numpy as np
 
 from .._utils import is_concrete
 from ._core import (
+    bcast,
     call_denoiser,
     check_inputs,
     coeff_dtype,
     half_log_snr,
     integrate,
+    is_python_zero,
     safe_div,
     safe_next_time,
+    safe_sqrt,
 )
 
 __all__ = ["dpm_solver_pp", "dpm_solver_pp_sde", "dpm_solver_pp_singlestep"]
@@ -57,18 +60,7 @@ _SERIES_TERMS = 14
 # -- small helpers -------------------------------------------------------------------------------
 
 
-def _bcast(c, x):
-    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
 
-
-def _safe_sqrt(v):
-    """sqrt with a zero (not nan) gradient at 0."""
-    pos = v > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
-
-
-def _is_zero(value):
-    return isinstance(value, (int, float)) and value == 0
 
 
 def _psi(h):
@@ -223,15 +215,15 @@ def _run_multistep(
         h2 = lam_buf[0] - lam_buf[1] if num_buf >= 2 else jnp.zeros_like(h)
         c0, c1, c2 = _multistep_coeffs(h, h1, h2, order_n, order, solver_type, third_factor, eta)
         c_x = sigma_s / sigma_t * jnp.exp(-eta * h)
-        inner = _bcast(c0, x) * m0
+        inner = bcast(c0, x) * m0
         if num_buf >= 1:
-            inner = inner + _bcast(c1, x) * (m0 - m_buf[0])
+            inner = inner + bcast(c1, x) * (m0 - m_buf[0])
         if num_buf >= 2:
-            inner = inner + _bcast(c2, x) * (m_buf[0] - m_buf[1])
-        x_next = _bcast(c_x, x) * x + _bcast(alpha_s, x) * inner
+            inner = inner + bcast(c2, x) * (m_buf[0] - m_buf[1])
+        x_next = bcast(c_x, x) * x + bcast(alpha_s, x) * inner
         if num_draws:
-            std = sigma_s * _safe_sqrt(-jnp.expm1(-2.0 * eta * h))
-            x_next = x_next + _bcast(std, x) * inp.noise[0]
+            std = sigma_s * safe_sqrt(-jnp.expm1(-2.0 * eta * h))
+            x_next = x_next + bcast(std, x) * inp.noise[0]
         x_next = jnp.where(s > 0, x_next, m0).astype(x.dtype)
         if num_buf >= 1:
             # Ring buffer, most recent first: shift by one and put the new entry in front.
@@ -384,7 +376,7 @@ def dpm_solver_pp_sde(
     """
     order = _check_order(order, (1, 2))
     _check_solver_type(solver_type)
-    num_draws = 0 if _is_zero(eta) and noise is None else 1
+    num_draws = 0 if is_python_zero(eta) and noise is None else 1
     check_inputs(process, x_init, ts, noise=noise, num_draws=num_draws)
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
@@ -495,35 +487,35 @@ def dpm_solver_pp_singlestep(
             lam_t = half_log_snr(process, t)
             h = half_log_snr(process, s_) - lam_t
             p1, p2, p3 = _psi(h)
-            inner = _bcast(p1, x) * m0
+            inner = bcast(p1, x) * m0
             if order >= 2:
                 t1 = stage_time(lam_t + r1 * h)
                 a1, q1 = process.alpha(t1), process.sigma(t1) / sigma_t
-                u1 = _bcast(q1, x) * x - _bcast(a1 * jnp.expm1(-r1 * h), x) * m0
+                u1 = bcast(q1, x) * x - bcast(a1 * jnp.expm1(-r1 * h), x) * m0
                 m1 = call_denoiser(denoiser, u1.astype(x.dtype), t1.astype(inp.t.dtype), cond)
             if order == 2 and solver_type == "midpoint":
-                inner = inner + _bcast(p1 * safe_div(0.5, r1), x) * (m1 - m0)
+                inner = inner + bcast(p1 * safe_div(0.5, r1), x) * (m1 - m0)
             elif order == 2:
-                inner = inner + _bcast(safe_div(p2, r1 * h), x) * (m1 - m0)
+                inner = inner + bcast(safe_div(p2, r1 * h), x) * (m1 - m0)
             elif order == 3:
                 t2 = stage_time(lam_t + r2 * h)
                 a2, q2 = process.alpha(t2), process.sigma(t2) / sigma_t
                 w1, w2, _ = _psi(r2 * h)
-                u2 = _bcast(q2, x) * x + _bcast(a2, x) * (
-                    _bcast(w1, x) * m0 + _bcast(safe_div(w2, r1 * h), x) * (m1 - m0)
+                u2 = bcast(q2, x) * x + bcast(a2, x) * (
+                    bcast(w1, x) * m0 + bcast(safe_div(w2, r1 * h), x) * (m1 - m0)
                 )
                 m2 = call_denoiser(denoiser, u2.astype(x.dtype), t2.astype(inp.t.dtype), cond)
                 if solver_type == "midpoint":
-                    inner = inner + _bcast(safe_div(p2, r2 * h), x) * (m2 - m0)
+                    inner = inner + bcast(safe_div(p2, r2 * h), x) * (m2 - m0)
                 else:
                     # Quadratic m0 + b u + c u^2 through the three stage outputs (divided
                     # differences), integrated exactly against the exponential kernel.
-                    d1 = _bcast(safe_div(1.0, r1 * h), x) * (m1 - m0)
-                    d12 = _bcast(safe_div(1.0, (r2 - r1) * h), x) * (m2 - m1)
-                    c = _bcast(safe_div(1.0, r2 * h), x) * (d12 - d1)
-                    b = d1 - _bcast(r1 * h, x) * c
-                    inner = inner + _bcast(p2, x) * b + _bcast(2.0 * p3, x) * c
-            x_next = _bcast(sigma_s / sigma_t, x) * x + _bcast(alpha_s, x) * inner
+                    d1 = bcast(safe_div(1.0, r1 * h), x) * (m1 - m0)
+                    d12 = bcast(safe_div(1.0, (r2 - r1) * h), x) * (m2 - m1)
+                    c = bcast(safe_div(1.0, r2 * h), x) * (d12 - d1)
+                    b = d1 - bcast(r1 * h, x) * c
+                    inner = inner + bcast(p2, x) * b + bcast(2.0 * p3, x) * c
+            x_next = bcast(sigma_s / sigma_t, x) * x + bcast(alpha_s, x) * inner
             return x_next.astype(x.dtype)
 
         if order == 1:

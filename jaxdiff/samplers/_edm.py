@@ -18,10 +18,6 @@ from ._core import call_denoiser, check_inputs, coeff_dtype, integrate, safe_div
 __all__ = ["edm_heun"]
 
 
-def _bcast(c, x):
-    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
-
-
 def edm_heun(
     key,
     denoiser,

@@ -7,33 +7,23 @@ combined coefficients of :math:`x_t` and :math:`\hat x_0`, so no :math:`1/\sigma
 cancellation.
 """
 
-import jax
 import jax.numpy as jnp
 
 from ._core import (
+    bcast,
     call_denoiser,
     check_inputs,
     coeff_dtype,
     half_log_snr,
     integrate,
+    is_python_zero,
     safe_next_time,
+    safe_sqrt,
 )
 
 __all__ = ["pf_euler", "euler_maruyama", "predictor_corrector", "ddim", "ddpm", "euler_ancestral"]
 
 
-def _safe_sqrt(v):
-    """sqrt with a zero (not nan) gradient at 0."""
-    pos = v > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
-
-
-def _bcast(c, x):
-    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
-
-
-def _is_zero(value):
-    return isinstance(value, (int, float)) and value == 0
 
 
 def _run(step, x_init, ts, key, noise, num_draws, example_index):
@@ -108,8 +98,8 @@ def euler_maruyama(
         x0 = call_denoiser(denoiser, x, inp.t, cond)
         s_ = safe_next_time(t, s)
         drift = process.reverse_drift(x, t, x0, eta=eta)
-        diffusion = process.reverse_diffusion(t, eta) * _safe_sqrt(t - s_)
-        x_next = x + (s_ - t) * drift + _bcast(diffusion, x) * inp.noise[0]
+        diffusion = process.reverse_diffusion(t, eta) * safe_sqrt(t - s_)
+        x_next = x + (s_ - t) * drift + bcast(diffusion, x) * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
     return _run(step, x_init, ts, key, noise, 1, example_index)
@@ -178,12 +168,12 @@ def predictor_corrector(
                 ratio = jnp.mean(_per_example_norm(z)) / jnp.mean(_per_example_norm(score))
                 ratio = jnp.full((x.shape[0],), ratio)
             step_size = 2.0 * jnp.square(snr * ratio)
-            x = x + _bcast(step_size, x) * score + _bcast(jnp.sqrt(2.0 * step_size), x) * z
+            x = x + bcast(step_size, x) * score + bcast(jnp.sqrt(2.0 * step_size), x) * z
             x = x.astype(state_dtype)
         x0 = call_denoiser(denoiser, x, inp.t, cond)
         s_ = safe_next_time(t, s)
         drift = process.reverse_drift(x, t, x0, eta=1.0)
-        diffusion = process.reverse_diffusion(t) * _safe_sqrt(t - s_)
+        diffusion = process.reverse_diffusion(t) * safe_sqrt(t - s_)
         x_next = x + (s_ - t) * drift + diffusion * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
@@ -201,10 +191,10 @@ def _ddim_step(process, x, x0, t, s, eta, z):
     # 1 - k e^{-h} = (1 - e^{-h}) + e^{-h} (1 - k), each term >= 0 (no cancellation).
     c_x0 = alpha_s * (-jnp.expm1(-h) + jnp.exp(-h) * var_frac / (1.0 + k))
     c_x = sigma_s / sigma_t * k
-    std = sigma_s * _safe_sqrt(var_frac)
-    x_next = _bcast(c_x, x) * x + _bcast(c_x0, x) * x0
+    std = sigma_s * safe_sqrt(var_frac)
+    x_next = bcast(c_x, x) * x + bcast(c_x0, x) * x0
     if z is not None:
-        x_next = x_next + _bcast(std, x) * z
+        x_next = x_next + bcast(std, x) * z
     return jnp.where(s > 0, x_next, x0)
 
 
@@ -231,7 +221,7 @@ def ddim(
         >>> ts = jaxdiff.timesteps.uniform_log_snr(process, 50)
         >>> x = ddim(key, denoiser, process, process.sample_prior(key, (16, 2)), ts, eta=0.0)
     """
-    num_draws = 0 if _is_zero(eta) and noise is None else 1
+    num_draws = 0 if is_python_zero(eta) and noise is None else 1
     check_inputs(process, x_init, ts, noise=noise, num_draws=num_draws)
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
@@ -276,13 +266,13 @@ def euler_ancestral(
         s_ = safe_next_time(t, s)
         alpha_t, alpha_s = process.alpha(t), process.alpha(s_)
         n_t, n_s = process.noise_level(t), process.noise_level(s_)
-        n_up = jnp.minimum(n_s, eta * n_s * _safe_sqrt(1.0 - jnp.square(n_s / n_t)))
+        n_up = jnp.minimum(n_s, eta * n_s * safe_sqrt(1.0 - jnp.square(n_s / n_t)))
         n_down = jnp.sqrt(jnp.square(n_s) - jnp.square(n_up))
         ratio = n_down / n_t  # Euler step written as a convex combination of x~ and x0
-        xt = x / _bcast(alpha_t, x)
-        xt_next = _bcast(ratio, x) * xt + _bcast(1.0 - ratio, x) * x0
-        xt_next = xt_next + _bcast(n_up, x) * inp.noise[0]
-        x_next = _bcast(alpha_s, x) * xt_next
+        xt = x / bcast(alpha_t, x)
+        xt_next = bcast(ratio, x) * xt + bcast(1.0 - ratio, x) * x0
+        xt_next = xt_next + bcast(n_up, x) * inp.noise[0]
+        x_next = bcast(alpha_s, x) * xt_next
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
     return _run(step, x_init, ts, key, noise, 1, example_index)
@@ -328,9 +318,9 @@ def ddpm(
         alpha_s, sigma_s, sigma_t = process.alpha(s_), process.sigma(s_), process.sigma(t)
         h = half_log_snr(process, s_) - half_log_snr(process, t)
         e2 = -jnp.expm1(-2.0 * h)
-        mean = _bcast(sigma_s / sigma_t * jnp.exp(-h), x) * x + _bcast(alpha_s * e2, x) * x0
-        std = (sigma_s if variance == "fixed_small" else sigma_t) * _safe_sqrt(e2)
-        x_next = mean + _bcast(std, x) * inp.noise[0]
+        mean = bcast(sigma_s / sigma_t * jnp.exp(-h), x) * x + bcast(alpha_s * e2, x) * x0
+        std = (sigma_s if variance == "fixed_small" else sigma_t) * safe_sqrt(e2)
+        x_next = mean + bcast(std, x) * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
     return _run(step, x_init, ts, key, noise, 1, example_index)

@@ -21,7 +21,7 @@ def _axpy(a, x, y):
 
 
 def odeint(vector_field, y0, ts, *, args=None, method="heun"):
-    r"""Integrate :math:`dy/dt = F(t, y, \text{args})` over the grid ``ts`` with a fixed-step method.
+    r"""Integrate :math:`dy/dt = F(t, y, \text{args})` over ``ts`` with a fixed-step method.
 
     .. math::
         \text{heun: } k_1 = F(t_i, y_i),\ k_2 = F(t_{i+1}, y_i + \Delta k_1),\

@@ -239,9 +239,9 @@ def unipc(
     :math:`\rho = 1/2`; still second order); corrected states are exact for degree ``< q + 1``
     when ``q >= 2`` (``q = 1``: constants). With ``simplified_rho=False`` the two shortcuts are
     replaced by the solved systems (:math:`\rho = b_1`), and every order is exact for degree
-    ``< q`` (predictor) and ``< q + 1`` (corrector). Global order ``p`` without the corrector, ``p + 1``
-    with it (both variants), given an exact warm start and ``lower_order_final=False`` (a
-    first-order warm-up or final step caps the observed order).
+    ``< q`` (predictor) and ``< q + 1`` (corrector). Global order ``p`` without the corrector,
+    ``p + 1`` with it (both variants), given an exact warm start and
+    ``lower_order_final=False`` (a first-order warm-up or final step caps the observed order).
 
     A final exact 0 in ``ts`` returns that step's denoiser output :math:`m_0` (the update is
     evaluated at a zero-length stand-in step so values and gradients stay finite).
