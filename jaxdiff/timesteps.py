@@ -68,7 +68,9 @@ def quadratic(process, num_steps, *, t_start=None, t_end=None, final_zero=False,
     r"""Uniform in :math:`\sqrt t` (DDIM's quadratic schedule): dense near ``t_end``."""
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
-    return _finish(np.linspace(np.sqrt(t0), np.sqrt(t1), n) ** 2, process, final_zero, dtype)
+    ts = np.linspace(np.sqrt(t0), np.sqrt(t1), n) ** 2
+    ts[0], ts[-1] = t0, t1  # squaring misses the end points by an ulp
+    return _finish(ts, process, final_zero, dtype)
 
 
 def uniform_log_snr(process, num_steps, *, t_start=None, t_end=None, final_zero=False,
@@ -150,7 +152,10 @@ def check_grid(process, ts, *, name="ts", allow_final_zero=True):
         raise ValueError(f"{name} must be strictly decreasing; got {t}.")
     inner = t[:-1] if (allow_final_zero and t[-1] == 0.0) else t
     lo, hi = float(np.asarray(process.t_min)), float(np.asarray(process.t_max))
-    slack = 4 * float(np.finfo(np.float32).eps)
+    # Rounding of the end points to the grid's dtype (at least float32 precision) is allowed.
+    dtype = jnp.asarray(ts).dtype
+    eps = float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+    slack = 4 * float(max(eps, np.finfo(np.float32).eps))
     if inner.min() < lo * (1 - slack) or inner.max() > hi * (1 + slack):
         raise ValueError(
             f"{name} must lie in [t_min, t_max] = [{lo}, {hi}] of {type(process).__name__}"

@@ -15,6 +15,11 @@ Final step to zero. A grid may end with an exact 0; the last step then returns t
 denoiser's :math:`\hat x_0` (``where(s == 0, x0_hat, x_next)``), with the update itself
 evaluated at a safe stand-in time so that neither values nor gradients see ``inf`` or ``nan``.
 This works for traced grids too, so grids can be learned.
+
+Dtypes. The state keeps the dtype of ``x_init`` (bfloat16 allowed); step coefficients and
+denoiser outputs are at least float32. A bfloat16 state rounds away updates below half an ulp,
+so with hundreds of small steps it stalls (measured: Gaussian W2 0.26 after 1000 PF-Euler steps
+on VP vs 0.02 in float32, while at 50 steps the two agree); keep long runs in float32.
 """
 
 from collections.abc import Callable
