@@ -152,6 +152,15 @@ def _check_times_positive(t, name):
 # ------------------------------------------------------------------------------------------------
 
 
+def _sample_marginal(dist, key, process, t, num):
+    """Exact draws of (x_t, x0): x0 from ``dist.sample``, then the forward marginal."""
+    check_times(process, t)
+    key_data, key_noise = jax.random.split(key)
+    x0 = dist.sample(key_data, num)
+    x_t, _ = process.sample_marginal(key_noise, x0, t)
+    return x_t, x0
+
+
 @pytree_dataclass
 class Gaussian:
     r"""Gaussian data :math:`N(\mu, \Sigma)` with :math:`\Sigma = U \mathrm{diag}(\lambda) U^\top`.
@@ -384,11 +393,7 @@ class Gaussian:
         Returns:
             ``(x_t, x0)``, each of shape ``(num, D)``.
         """
-        check_times(process, t)
-        key_data, key_noise = jax.random.split(key)
-        x0 = self.sample(key_data, num)
-        x_t, _ = process.sample_marginal(key_noise, x0, t)
-        return x_t, x0
+        return _sample_marginal(self, key, process, t, num)
 
     def data_log_prob(self, x):
         r"""Log-density :math:`\log N(x; \mu, \Sigma)` of the data (full rank only), ``(B,)``."""
@@ -769,11 +774,7 @@ class GaussianMixture:
 
     def sample_marginal(self, key, process, t, num):
         r"""Exact draws of :math:`(x_t, x_0)`, each ``(num, D)``; ``t`` is ``()`` or ``(num,)``."""
-        check_times(process, t)
-        key_data, key_noise = jax.random.split(key)
-        x0 = self.sample(key_data, num)
-        x_t, _ = process.sample_marginal(key_noise, x0, t)
-        return x_t, x0
+        return _sample_marginal(self, key, process, t, num)
 
     def data_log_prob(self, x):
         r"""Data log-density :math:`\log\sum_k \pi_k N(x; \mu_k, \Sigma_k)` (full-rank only)."""
@@ -907,11 +908,7 @@ class Empirical:
 
     def sample_marginal(self, key, process, t, num):
         r"""Exact draws of :math:`(x_t, x_0)`, each ``(num, D)``; ``t`` is ``()`` or ``(num,)``."""
-        check_times(process, t)
-        key_data, key_noise = jax.random.split(key)
-        x0 = self.sample(key_data, num)
-        x_t, _ = process.sample_marginal(key_noise, x0, t)
-        return x_t, x0
+        return _sample_marginal(self, key, process, t, num)
 
     def moments(self):
         """``(mean, cov)`` of the weighted point set (for the moment-matched Gaussian)."""
