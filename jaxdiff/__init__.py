@@ -3,10 +3,16 @@
 Modules: :mod:`~jaxdiff.processes` (forward processes), :mod:`~jaxdiff.predictions`
 (prediction types, the Denoiser contract), :mod:`~jaxdiff.analytic` (exact distributions),
 :mod:`~jaxdiff.timesteps` (grids), :mod:`~jaxdiff.samplers` (lax.scan samplers) and
-:mod:`~jaxdiff.metrics` (distances between sample sets).
+:mod:`~jaxdiff.metrics` (distances between sample sets), :mod:`~jaxdiff.losses` (denoising
+losses) and :mod:`~jaxdiff.guidance` (guidance transforms). The layers above the core --
+:mod:`jaxdiff.nets` (Flax NNX networks), :mod:`jaxdiff.training` (train state, step, ``fit``,
+checkpoints) and :mod:`jaxdiff.data` (toy sets, digits, TFDS, batching) -- are imported
+explicitly, so the core needs none of Flax, optax or orbax.
 """
 
 from . import analytic as analytic
+from . import guidance as guidance
+from . import losses as losses
 from . import metrics as metrics
 from . import predictions as predictions
 from . import processes as processes
@@ -45,6 +51,8 @@ __all__ = [
     "convert",
     "edm_precondition",
     "from_denoiser",
+    "guidance",
+    "losses",
     "metrics",
     "predictions",
     "processes",
