@@ -16,10 +16,22 @@ CORE_MODULES = [
     "jaxdiff.metrics",
     "jaxdiff.timesteps",
     "jaxdiff.samplers",
+    "jaxdiff.losses",
+    "jaxdiff.guidance",
+]
+
+UPPER_MODULES = [
+    "jaxdiff.nets",
+    "jaxdiff.training",
+    "jaxdiff.data",
+    "jaxdiff.data.toy2d",
+    "jaxdiff.data.digits",
+    "jaxdiff.data.tfds",
+    "jaxdiff.data.pipeline",
 ]
 
 
-@pytest.mark.parametrize("module_name", CORE_MODULES)
+@pytest.mark.parametrize("module_name", CORE_MODULES + UPPER_MODULES)
 def test_every_public_name_exists_and_is_documented(module_name):
     module = importlib.import_module(module_name)
     assert module.__doc__ and module.__doc__.strip(), module_name
@@ -56,7 +68,7 @@ def test_top_level_reexports_are_the_module_objects():
 def test_core_does_not_import_training_dependencies():
     code = (
         "import sys, jaxdiff, jaxdiff.analytic, jaxdiff.metrics, jaxdiff.samplers, "
-        "jaxdiff.timesteps\n"
+        "jaxdiff.timesteps, jaxdiff.losses, jaxdiff.guidance\n"
         "bad = [m for m in ('flax', 'optax', 'orbax', 'grain', 'tensorflow_datasets', "
         "'tensorflow', 'ml_collections', 'absl.flags') if m in sys.modules]\n"
         "print(','.join(bad))\n"
