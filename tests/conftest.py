@@ -15,3 +15,32 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_legacy_prng_key", "error")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy2d_run(tmp_path_factory):
+    """A trained toy2d smoke run: ``(workdir, eval_record)``; reusable by any test.
+
+    ``jaxdiff.training.load_model(workdir)`` rebuilds its denoiser (class-conditional MLP, EDM
+    process, 8 Gaussians).
+    """
+    from experiments.toy2d.config import get_config
+    from experiments.toy2d.main import run
+
+    workdir = tmp_path_factory.mktemp("toy2d")
+    results = run(get_config("smoke"), str(workdir), progress=False, log=None)
+    return workdir, results
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A trained digits smoke run (classifier + class-conditional UNet): ``(workdir, record)``."""
+    from experiments.digits.config import get_config
+    from experiments.digits.main import run
+
+    workdir = tmp_path_factory.mktemp("digits")
+    results = run(get_config("smoke"), str(workdir), progress=False, log=None)
+    return workdir, results

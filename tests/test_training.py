@@ -466,3 +466,19 @@ def test_config_overrides_are_typed_and_strict():
     assert cfg.from_dict(_Config, json.loads(json.dumps(cfg.to_dict(c)))) == c
     with pytest.raises(ValueError, match="unknown config keys"):
         cfg.from_dict(_Config, {"lr": 1.0, "nope": 2})
+
+
+def test_resuming_a_different_run_is_refused(tmp_path):
+    opt, step, state = _trained()
+    ckpt = training.Checkpointer(tmp_path / "ck", async_save=False, metadata={"lr": 1e-3})
+    ckpt.save(state)
+    ckpt.close()
+    other = training.Checkpointer(tmp_path / "ck", metadata={"lr": 2e-3})
+    with pytest.raises(ValueError, match=r"different run.*\['lr'\]"):
+        other.restore(_state(opt, [training.EMA(0.9)]))
+    other.close()
+    assert (tmp_path / "ck" / "3").is_dir()  # untouched
+    same = training.Checkpointer(tmp_path / "ck", metadata={"lr": 1e-3})
+    restored, _ = same.restore(_state(opt, [training.EMA(0.9)]))
+    same.close()
+    _assert_states_equal(restored, state)

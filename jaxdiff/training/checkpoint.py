@@ -135,6 +135,10 @@ def _abstract(tree):
     return jax.tree.map(leaf, tree)
 
 
+class _DifferentRun(ValueError):
+    """The directory holds a checkpoint written with other metadata."""
+
+
 class Checkpointer:
     r"""Saves and restores :class:`~jaxdiff.training.TrainState` with metadata (orbax).
 
@@ -213,6 +217,20 @@ class Checkpointer:
         self._manager.close()
         self._manager = self._make_manager()
 
+    def _check_same_run(self, meta, step):
+        """Refuse to resume a run whose metadata differs (another config in the same dir)."""
+        if not self.metadata or not isinstance(meta, dict):
+            return
+        saved = {k: v for k, v in meta.items() if k not in ("format", "version", "step")}
+        if json.loads(json.dumps(self.metadata)) != saved:
+            changed = sorted(k for k in set(saved) | set(self.metadata)
+                             if saved.get(k) != json.loads(json.dumps(self.metadata.get(k))))
+            raise _DifferentRun(
+                f"{self.directory} holds a checkpoint (step {step}) of a different run: its "
+                f"metadata differs in {changed}. Use another directory, or remove it to start "
+                "over; nothing was changed."
+            )
+
     def restore(self, target: TrainState, *, step: int | None = None):
         """Restore onto ``target``'s structure, dtypes and shardings.
 
@@ -224,6 +242,10 @@ class Checkpointer:
 
         Returns:
             ``(state, data_state)``, or ``(None, None)`` if the directory holds no checkpoint.
+
+        Raises:
+            ValueError: the checkpoint's metadata differs from this checkpointer's (a run with
+                another config in the same directory); nothing is moved or deleted.
         """
         self._manager.wait_until_finished()
         steps = [step] if step is not None else self.all_steps()[::-1]
@@ -231,6 +253,10 @@ class Checkpointer:
         treedef = jax.tree.structure(abstract)
         for s in steps:
             try:
+                meta = self._manager.restore(
+                    s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
+                self._check_same_run(meta, s)
                 out = self._manager.restore(
                     s,
                     args=ocp.args.Composite(
@@ -239,6 +265,8 @@ class Checkpointer:
                     ),
                 )
                 tree = jax.tree.unflatten(treedef, jax.tree.leaves(out["state"]))
+            except _DifferentRun:
+                raise
             except Exception as err:  # noqa: BLE001 -- any failure means unreadable
                 if step is not None:
                     raise
@@ -344,7 +372,9 @@ def load_model(path, *, average: str | None = "auto", step: int | None = None) -
                 "Checkpointer(metadata=describe(...)) to make it self-describing."
             )
     process = process_from_config(meta["process"])
-    net = nets.create(meta["net"]["name"], meta["net"]["config"], rngs=nnx.Rngs(0))
+    # Only the structure is needed: an abstract build skips the (slow, eager) initialisers.
+    net = nnx.eval_shape(lambda: nets.create(meta["net"]["name"], meta["net"]["config"],
+                                             rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(net)
     tree = out["state"]
     if average == "auto":

@@ -357,7 +357,7 @@ def setup_diffusion(
     from .state import create_train_state
 
     graphdef, params = nnx.split(net)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     apply = nets.make_apply(graphdef, process, prediction)
     null_cond = getattr(net, "null_cond", None)
     loss_fn = diffusion_loss_fn(apply, process, prediction=prediction, null_cond=null_cond,
