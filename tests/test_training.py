@@ -482,3 +482,49 @@ def test_resuming_a_different_run_is_refused(tmp_path):
     restored, _ = same.restore(_state(opt, [training.EMA(0.9)]))
     same.close()
     _assert_states_equal(restored, state)
+
+
+def test_fit_writes_sample_grids(tmp_path):
+    opt, _ = training.make_optimizer(1e-2)
+    step = training.make_train_step(_loss_fn, opt)
+    calls = []
+
+    def sample_fn(state):
+        calls.append(int(state.step))
+        if len(calls) == 1:
+            return np.random.default_rng(0).normal(size=(50, 2))
+        return np.random.default_rng(0).uniform(-1, 1, size=(6, 8, 8, 1))
+
+    training.fit(_state(opt), step, _Batches(), num_steps=4, workdir=tmp_path, sample_every=2,
+                 sample_fn=sample_fn, progress=False, log_every=2)
+    assert calls == [2, 4]
+    for n in (2, 4):
+        png = tmp_path / "samples" / f"step_{n:07d}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="samples must be"):
+        training.save_sample_grid(tmp_path / "bad.png", np.zeros((3, 5)))
+
+
+def test_checkpoints_restore_onto_another_device_layout(tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.array(jax.devices()[:8])
+    mesh = Mesh(devices, ("data",))
+    opt, _ = training.make_optimizer(1e-2)
+    params = {"w": jnp.arange(16.0, dtype=jnp.float32), "b": jnp.asarray(0.5, jnp.float32)}
+    sharded = {"w": NamedSharding(mesh, PartitionSpec("data")),
+               "b": NamedSharding(mesh, PartitionSpec())}
+    params = jax.device_put(params, sharded)
+    state = training.create_train_state(jax.random.key(3), params, opt)
+    assert len(state.params["w"].sharding.device_set) == 8
+    ckpt = training.Checkpointer(tmp_path / "ck", async_save=False)
+    ckpt.save(state)
+    ckpt.close()
+    one = jax.devices()[0]
+    target = training.create_train_state(
+        jax.random.key(0), jax.device_put(jax.tree.map(jnp.zeros_like, params), one), opt)
+    restored, _ = training.Checkpointer(tmp_path / "ck").restore(target)
+    assert restored.params["w"].sharding.device_set == {one}
+    np.testing.assert_array_equal(restored.params["w"], np.arange(16.0))
+    np.testing.assert_array_equal(jax.random.key_data(restored.key),
+                                  jax.random.key_data(jax.random.key(3)))
