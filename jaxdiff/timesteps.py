@@ -6,8 +6,11 @@ exact 0 instead (EDM/Karras style: the last step returns the denoiser's :math:`\
 the first ``num_steps`` points span ``[t_end, t_start]``.
 
 Grids are built in float64 numpy on the host (they are static schedules, also when called
-under ``jit``, provided the process is not itself a traced argument) and returned as ``jnp``
-arrays in the default float dtype; pass ``dtype`` to choose. Each schedule is defined
+under ``jit``) and returned as ``jnp`` arrays in the default float dtype; pass ``dtype`` to
+choose. When the process's parameters (or ``t_start``/``t_end``) are traced -- e.g. under
+``jax.grad`` with respect to the process -- the same formulas are evaluated with ``jnp`` on the
+traced values, so the grid, and a sampler run on it, are differentiable with respect to them
+(validation is then skipped: it needs concrete values). Each schedule is defined
 on a process-independent axis (time, noise level or log-SNR) and mapped to times with the
 process's inverse, so the same grid means the same thing for every process.
 """
@@ -28,12 +31,31 @@ __all__ = [
 ]
 
 
+def _is_traced(process, t_start, t_end):
+    leaves = jax.tree.leaves(process) + [v for v in (t_start, t_end) if v is not None]
+    return not is_concrete(*leaves)
+
+
 def _ends(process, t_start, t_end):
     t_start = float(process.t_max if t_start is None else t_start)
     t_end = float(process.t_min if t_end is None else t_end)
     if not t_start > t_end:
         raise ValueError(f"t_start must be > t_end; got t_start={t_start}, t_end={t_end}.")
     return t_start, t_end
+
+
+def _traced_grid(process, num_steps, t_start, t_end, final_zero, dtype, axis):
+    """The grid from traced values: ``axis(t0, t1, u) -> t`` on ``u`` in [0, 1]."""
+    n = _num_points(num_steps, final_zero)
+    t0 = jnp.asarray(process.t_max if t_start is None else t_start)
+    t1 = jnp.asarray(process.t_min if t_end is None else t_end)
+    dtype = dtype or jnp.result_type(t0, t1, float)
+    u = jnp.linspace(0.0, 1.0, n, dtype=dtype)
+    ts = axis(t0.astype(dtype), t1.astype(dtype), u)
+    ts = ts.at[0].set(t0.astype(dtype)).at[-1].set(t1.astype(dtype))
+    if final_zero:
+        ts = jnp.concatenate([ts, jnp.zeros((1,), dtype)])
+    return ts
 
 
 def _num_points(num_steps, final_zero):
@@ -59,6 +81,9 @@ def uniform_t(process, num_steps, *, t_start=None, t_end=None, final_zero=False,
     Examples:
         >>> ts = uniform_t(jaxdiff.VPProcess(), 10)       # 11 points from 1 to 1e-3
     """
+    if _is_traced(process, t_start, t_end):
+        return _traced_grid(process, num_steps, t_start, t_end, final_zero, dtype,
+                            lambda t0, t1, u: t0 + u * (t1 - t0))
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
     return _finish(np.linspace(t0, t1, n), process, final_zero, dtype)
@@ -66,6 +91,10 @@ def uniform_t(process, num_steps, *, t_start=None, t_end=None, final_zero=False,
 
 def quadratic(process, num_steps, *, t_start=None, t_end=None, final_zero=False, dtype=None):
     r"""Uniform in :math:`\sqrt t` (DDIM's quadratic schedule): dense near ``t_end``."""
+    if _is_traced(process, t_start, t_end):
+        return _traced_grid(
+            process, num_steps, t_start, t_end, final_zero, dtype,
+            lambda t0, t1, u: (jnp.sqrt(t0) + u * (jnp.sqrt(t1) - jnp.sqrt(t0))) ** 2)
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
     ts = np.linspace(np.sqrt(t0), np.sqrt(t1), n) ** 2
@@ -80,6 +109,12 @@ def uniform_log_snr(process, num_steps, *, t_start=None, t_end=None, final_zero=
     .. math:: \lambda_i = \lambda(t_{\rm start}) + \tfrac{i}{n-1}\big(\lambda(t_{\rm end})
         - \lambda(t_{\rm start})\big), \qquad t_i = \lambda^{-1}(\lambda_i).
     """
+    if _is_traced(process, t_start, t_end):
+        def axis(t0, t1, u):
+            lam0, lam1 = process.log_snr(t0), process.log_snr(t1)
+            return process.t_from_log_snr(lam0 + u * (lam1 - lam0))
+
+        return _traced_grid(process, num_steps, t_start, t_end, final_zero, dtype, axis)
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
     with jax.ensure_compile_time_eval():  # a host-side schedule, even when called under jit
@@ -103,6 +138,13 @@ def karras(process, num_steps, *, rho=7.0, t_start=None, t_end=None, final_zero=
     """
     if not rho > 0:
         raise ValueError(f"rho must be > 0; got {rho}.")
+    if _is_traced(process, t_start, t_end):
+        def axis(t0, t1, u):
+            a = process.noise_level(t0) ** (1 / rho)
+            b = process.noise_level(t1) ** (1 / rho)
+            return process.t_from_noise_level((a + u * (b - a)) ** rho)
+
+        return _traced_grid(process, num_steps, t_start, t_end, final_zero, dtype, axis)
     t0, t1 = _ends(process, t_start, t_end)
     n = _num_points(num_steps, final_zero)
     with jax.ensure_compile_time_eval():  # a host-side schedule, even when called under jit

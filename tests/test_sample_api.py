@@ -134,3 +134,18 @@ def test_dynamic_threshold_matches_imagen_rule():
         samplers.dynamic_threshold(den, quantile=1.5)
     with pytest.raises(ValueError, match="max_value"):
         samplers.dynamic_threshold(den, max_value=0.5)
+
+
+def test_gradient_through_a_named_grid_wrt_a_process_parameter():
+    gaussian = analytic.Gaussian.isotropic(jnp.zeros(2), 0.5)
+
+    def mean_sq(beta_max):
+        process = jaxdiff.VPProcess(beta_max=beta_max)
+        x = jaxdiff.sample(jax.random.key(0), gaussian.denoiser(process), process, (64, 2),
+                           method="dpm_solver_pp", steps=6, grid="karras", dtype=jnp.float64)
+        return jnp.mean(jnp.square(x))
+
+    g = jax.grad(mean_sq)(jnp.float64(20.0))
+    h = 1e-4
+    fd = (mean_sq(20.0 + h) - mean_sq(20.0 - h)) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-5)

@@ -265,3 +265,21 @@ def test_check_grid_skips_value_checks_under_jit():
     np.testing.assert_array_equal(np.asarray(f(jnp.array([0.1, 0.5]))), [0.1, 0.5])
     with pytest.raises(ValueError, match="at least 2 points"):
         f(jnp.array([0.5]))
+
+
+@pytest.mark.parametrize("grid", ["uniform_t", "quadratic", "uniform_log_snr", "karras"])
+def test_named_grids_trace_through_process_parameters(grid):
+    """Under grad wrt a process parameter the grid equals the host grid and has a derivative."""
+    fn = getattr(timesteps, grid)
+
+    def ts_of(beta_max):
+        return fn(processes.VPProcess(beta_max=beta_max), 8, final_zero=True)
+
+    host = ts_of(20.0)
+    traced = jax.jit(ts_of)(jnp.float64(20.0))
+    np.testing.assert_allclose(traced, host, rtol=1e-12, atol=1e-15)
+    d = jax.jacfwd(ts_of)(jnp.float64(20.0))
+    h = 1e-5
+    fd = (np.asarray(ts_of(20.0 + h)) - np.asarray(ts_of(20.0 - h))) / (2 * h)
+    np.testing.assert_allclose(d, fd, rtol=1e-5, atol=1e-9)
+    assert np.all(np.isfinite(d))

@@ -336,7 +336,7 @@ def load_model(path, *, average: str | None = "auto", step: int | None = None) -
     from .. import nets
 
     directory = _checkpoint_dir(path)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
     steps = sorted(manager.all_steps())
     if not steps:
         raise FileNotFoundError(
