@@ -76,9 +76,9 @@ def get_config(name: str = "default") -> Config:
             base,
             net=NetConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                           attn_resolutions=(4,), num_heads=1),
-            train=dataclasses.replace(base.train, steps=300, batch_size=64, warmup_steps=50,
-                                      ema_decay=0.99, log_every=100, checkpoint_every=200),
-            classifier=dataclasses.replace(base.classifier, steps=200, base_channels=16),
+            train=dataclasses.replace(base.train, steps=150, batch_size=32, warmup_steps=20,
+                                      ema_decay=0.99, log_every=50, checkpoint_every=75),
+            classifier=dataclasses.replace(base.classifier, steps=150, base_channels=16),
             eval=dataclasses.replace(base.eval, num_samples=100, steps=8,
                                      grid_scales=(0.0, 2.0)),
         )
