@@ -528,3 +528,15 @@ def test_checkpoints_restore_onto_another_device_layout(tmp_path):
     np.testing.assert_array_equal(restored.params["w"], np.arange(16.0))
     np.testing.assert_array_equal(jax.random.key_data(restored.key),
                                   jax.random.key_data(jax.random.key(3)))
+
+
+def test_microbatches_with_bins_and_a_loss_without_per_example_values():
+    def plain_loss(params, batch, key, index):
+        loss, _ = _loss_fn(params, batch, key, index)
+        return loss, {}
+
+    opt, _ = training.make_optimizer(1e-2)
+    step = training.make_train_step(plain_loss, opt, microbatches=2, loss_bins=[0.0])
+    _, m = step(_state(opt), _batch(0))
+    assert np.isfinite(float(m["loss"]))
+    np.testing.assert_array_equal(m["loss_bin_count"], [0, 0])

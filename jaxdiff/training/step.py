@@ -210,7 +210,8 @@ def make_train_step(
                 loss, aux, grads = grad_and_aux(state.params, mb, key, mb_index)
                 bins = bins_of(aux)
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-                bin_sum = jax.tree.map(jnp.add, bin_sum, bins)
+                if bins:  # the loss may not report per-example values
+                    bin_sum = jax.tree.map(jnp.add, bin_sum, bins)
                 return (loss_sum + loss, grad_sum, bin_sum), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
