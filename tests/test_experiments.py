@@ -51,20 +51,22 @@ def test_toy2d_checkpoint_rebuilds_the_denoiser(toy2d_run):
         model.denoiser(jnp.zeros((4, 3), jnp.float32), jnp.ones(4), None)
 
 
-def test_toy2d_same_seed_gives_identical_figures(tmp_path):
-    from experiments.toy2d.main import parse, run
+def test_toy2d_same_seed_gives_identical_figures(toy2d_run, tmp_path):
+    """A rerun with the same seed reproduces the numbers and the figure byte for byte.
 
-    argv = ["--config", "smoke", "train.steps=20", "train.warmup_steps=5", "train.log_every=10",
-            "train.checkpoint_every=10", "eval.num_samples=400", "eval.steps=6",
-            "eval.samplers=edm_heun", "eval.cfg_classes=0"]
-    outputs = []
-    for name in ("a", "b"):
-        config, _ = parse(argv)
-        results = run(config, str(tmp_path / name), progress=False, log=None)
-        outputs.append((results, (tmp_path / name / "samples.png").read_bytes()))
-    (ra, pa), (rb, pb) = outputs
-    assert ra["samplers"] == rb["samplers"]
-    assert pa == pb
+    Training itself is bitwise reproducible (two fresh runs agree in
+    test_training.test_fit_resume_is_bitwise_identical); here the rerun resumes the fixture's
+    final checkpoint and redoes sampling, guidance and plotting.
+    """
+    from experiments.toy2d.config import get_config
+    from experiments.toy2d.main import run
+
+    workdir, results = toy2d_run
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    again = run(get_config("smoke"), str(tmp_path), progress=False, log=None)
+    assert again["samplers"] == results["samplers"]
+    assert again["sw_data_vs_data"] == results["sw_data_vs_data"]
+    assert (tmp_path / "samples.png").read_bytes() == (workdir / "samples.png").read_bytes()
 
 
 def test_unknown_config_keys_are_refused():
@@ -107,10 +109,11 @@ def test_digits_smoke(digits_run):
     for name in ("eval.json", "samples.png", "metrics.jsonl"):
         assert (workdir / name).exists(), name
     model = training.load_model(workdir)
+    denoiser = jax.jit(model.denoiser)  # shapes are checked while tracing
     x = jnp.zeros((2, 8, 8, 1), jnp.float32)
-    out = model.denoiser(x, jnp.ones(2, jnp.float32), jnp.array([3, 10], jnp.int32))
+    out = denoiser(x, jnp.ones(2, jnp.float32), jnp.array([3, 10], jnp.int32))
     assert out.shape == (2, 8, 8, 1) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match=r"\(2, 7, 7, 1\).*divisible"):
-        model.denoiser(jnp.zeros((2, 7, 7, 1), jnp.float32), jnp.ones(2), None)
+        denoiser(jnp.zeros((2, 7, 7, 1), jnp.float32), jnp.ones(2), None)
     with pytest.raises(ValueError):
-        model.denoiser(jnp.zeros((2, 8, 8, 3), jnp.float32), jnp.ones(2), None)
+        denoiser(jnp.zeros((2, 8, 8, 3), jnp.float32), jnp.ones(2), None)
