@@ -18,6 +18,7 @@ CORE_MODULES = [
     "jaxdiff.samplers",
     "jaxdiff.losses",
     "jaxdiff.guidance",
+    "jaxdiff.parallel",
 ]
 
 UPPER_MODULES = [
@@ -68,7 +69,7 @@ def test_top_level_reexports_are_the_module_objects():
 def test_core_does_not_import_training_dependencies():
     code = (
         "import sys, jaxdiff, jaxdiff.analytic, jaxdiff.metrics, jaxdiff.samplers, "
-        "jaxdiff.timesteps, jaxdiff.losses, jaxdiff.guidance\n"
+        "jaxdiff.timesteps, jaxdiff.losses, jaxdiff.guidance, jaxdiff.parallel\n"
         "bad = [m for m in ('flax', 'optax', 'orbax', 'grain', 'tensorflow_datasets', "
         "'tensorflow', 'ml_collections', 'absl.flags') if m in sys.modules]\n"
         "print(','.join(bad))\n"
