@@ -160,3 +160,17 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, src, dst):
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_reaches_the_float32_loss(toy2d_run, tmp_path):
+    """Mixed precision (bf16 compute, float32 master params) on the toy2d smoke config."""
+    from experiments.toy2d.config import get_config
+    from experiments.toy2d.main import train
+
+    workdir, _ = toy2d_run
+    f32 = training.read_metrics(workdir / "metrics.jsonl")[-1]["loss"]
+    config = training.config.override(get_config("smoke"), ["train.bf16=true"])
+    _, _, _, state, _ = train(config, str(tmp_path), progress=False, log=None)
+    bf16 = training.read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"]
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
+    assert abs(bf16 - f32) <= 0.05 * f32, (bf16, f32)
