@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "AXES",
+    "initialize",
     "make_mesh",
     "batch_sharding",
     "shard_batch",
@@ -75,21 +76,57 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Place a host batch (pytree of batch-leading arrays) split over the mesh.
+    """Place a batch (pytree of batch-leading arrays) split over the mesh.
+
+    In a single process ``batch`` is the global batch. With several processes
+    (``jax.process_count() > 1``) it is this host's slice -- rows ``h*b .. (h+1)*b`` of the global
+    batch for process ``h``, as :func:`jaxdiff.data.batches` with ``shard_index=h`` gives -- and the
+    slices are assembled into one global array without copying data between hosts.
 
     Raises:
-        ValueError: a leaf's batch size is not divisible by the number of devices.
+        ValueError: a leaf's batch size is not divisible by the number of (local) devices.
     """
-    n = mesh.devices.size
+    sharding = batch_sharding(mesh)
+    multi = jax.process_count() > 1
+    n = len(mesh.local_devices) if multi else mesh.devices.size
 
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0 or x.shape[0] % n:
             raise ValueError(f"shard_batch: batch size {x.shape[:1]} must be divisible by the "
-                             f"mesh's {n} devices.")
-        return jax.device_put(x, batch_sharding(mesh))
+                             f"mesh's {n} {'local ' if multi else ''}devices.")
+        if multi:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        return jax.device_put(x, sharding)
 
     return jax.tree.map(put, batch)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> tuple[int, int]:
+    """Join a multi-process run (``jax.distributed.initialize``) when one is configured.
+
+    With explicit arguments, or on platforms where JAX detects the cluster itself (TPU pods,
+    SLURM, Open MPI), this connects the processes; with nothing given and no cluster it is a
+    no-op. Call it once, first thing in the training entry point.
+
+    Returns:
+        ``(process_index, process_count)``.
+
+    Examples:
+        >>> initialize("10.0.0.1:1234", num_processes=2, process_id=0)   # GPU hosts
+        >>> initialize()                                                 # TPU pod: auto-detected
+    """
+    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    if explicit:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    else:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError):
+            pass  # no cluster detected: a single-process run
+    return jax.process_index(), jax.process_count()
 
 
 def param_spec(shape: Sequence[int], mesh: Mesh, *, min_fsdp_size: int = 2**10) -> PartitionSpec:
@@ -124,8 +161,24 @@ def state_sharding(state, mesh: Mesh, *, min_fsdp_size: int = 2**10):
 
 
 def shard_state(state, mesh: Mesh, *, min_fsdp_size: int = 2**10):
-    """Place a train state on the mesh with :func:`state_sharding`."""
-    return jax.device_put(state, state_sharding(state, mesh, min_fsdp_size=min_fsdp_size))
+    """Place a train state on the mesh with :func:`state_sharding`.
+
+    With several processes every process must pass the same values (e.g. built from the same
+    seed); each one fills in only the shards its own devices hold.
+    """
+    shardings = state_sharding(state, mesh, min_fsdp_size=min_fsdp_size)
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings)
+
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.device_get(jax.random.key_data(x)))
+            arr = jax.make_array_from_callback(data.shape, sharding, lambda i: data[i])
+            return jax.random.wrap_key_data(arr, impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+    return jax.tree.map(put, state, shardings)
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state, *, min_fsdp_size: int = 2**10,

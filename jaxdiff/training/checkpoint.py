@@ -336,7 +336,13 @@ def load_model(path, *, average: str | None = "auto", step: int | None = None) -
     from .. import nets
 
     directory = _checkpoint_dir(path)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()},
+    )
     steps = sorted(manager.all_steps())
     if not steps:
         raise FileNotFoundError(
@@ -344,11 +350,17 @@ def load_model(path, *, average: str | None = "auto", step: int | None = None) -
             "written by jaxdiff.training.Checkpointer)."
         )
     candidates = [step] if step is not None else steps[::-1]
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     errors = []
     for s in candidates:
         try:
+            # Restore onto this process's first device, whatever mesh wrote the checkpoint.
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                manager.item_metadata(s)["state"],
+            )
             out = manager.restore(
-                s, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                            meta=ocp.args.JsonRestore())
             )
         except Exception as err:  # noqa: BLE001
