@@ -13,7 +13,6 @@ Three stages, each resumable (rerun the same command after an interruption):
    ``eval.grid_scales``.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import optax
 from flax import nnx
 
 import jaxdiff
+from experiments import common
 from experiments.digits.config import Config, get_config
 from jaxdiff import data, nets, training
 from jaxdiff.guidance import classifier_free
@@ -123,18 +123,8 @@ def build(config: Config):
 
 
 def train(config: Config, workdir, *, progress=True, log=print):
-    """Train (or resume) the diffusion model; returns ``(net, process, setup, state, averages)``."""
-    batches, net, process, setup, averages = build(config)
-    meta = training.describe(process, config.train.prediction, net,
-                             config=training.config.to_dict(config))
-    result = training.fit(
-        setup.state, setup.train_step, batches, num_steps=config.train.steps, workdir=workdir,
-        metadata=meta, checkpoint_every=config.train.checkpoint_every, keep=config.train.keep,
-        log_every=config.train.log_every, progress=progress,
-        log_fn=(lambda r: log(f"step {r['step']:>6}  loss {r['loss']:.4f}  "
-                              f"{r['steps_per_s']:.1f} steps/s")) if log else None,
-    )
-    return net, process, setup, result.state, averages
+    """Train (or resume); returns ``(net, process, setup, state, averages)``."""
+    return common.train(config, workdir, build, progress=progress, log=log)
 
 
 # --- 3. evaluation -----------------------------------------------------------------------------
@@ -226,13 +216,8 @@ def run(config: Config, workdir, *, progress=True, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="default")
-    parser.add_argument("--workdir", default="outputs/digits")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    config = training.config.override(get_config(args.config), args.overrides)
+    config, args = common.parse(argv, get_config, default_workdir="outputs/digits",
+                                description=__doc__.splitlines()[0])
     run(config, args.workdir, progress=not args.no_progress)
 
 

@@ -8,7 +8,6 @@ samples per sampler against fresh data, next to the data-vs-data baseline) and `
 (data, two samplers, and a classifier-free-guidance panel).
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 import jaxdiff
+from experiments import common
 from experiments.toy2d.config import Config, get_config
 from jaxdiff import data, metrics, nets, training
 from jaxdiff.guidance import classifier_free
@@ -74,18 +74,8 @@ def build(config: Config):
 
 
 def train(config: Config, workdir, *, progress=True, log=print):
-    """Train (or resume) and return ``(net, process, setup, state)``."""
-    batches, net, process, setup, averages = build(config)
-    meta = training.describe(process, config.train.prediction, net,
-                             config=training.config.to_dict(config))
-    result = training.fit(
-        setup.state, setup.train_step, batches, num_steps=config.train.steps, workdir=workdir,
-        metadata=meta, checkpoint_every=config.train.checkpoint_every, keep=config.train.keep,
-        log_every=config.train.log_every, progress=progress,
-        log_fn=(lambda r: log(f"step {r['step']:>6}  loss {r['loss']:.4f}  "
-                              f"{r['steps_per_s']:.0f} steps/s")) if log else None,
-    )
-    return net, process, setup, result.state, averages
+    """Train (or resume); returns ``(net, process, setup, state, averages)``."""
+    return common.train(config, workdir, build, progress=progress, log=log)
 
 
 def evaluate(config: Config, net, process, setup, state, averages):
@@ -190,14 +180,8 @@ def run(config: Config, workdir, *, progress=True, log=print):
 
 
 def parse(argv, default_workdir="outputs/toy2d"):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="default")
-    parser.add_argument("--workdir", default=default_workdir)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    config = training.config.override(get_config(args.config), args.overrides)
-    return config, args
+    return common.parse(argv, get_config, default_workdir=default_workdir,
+                        description=__doc__.splitlines()[0])
 
 
 def main(argv=None):
