@@ -63,6 +63,8 @@ class Config:
     net: NetConfig = NetConfig()
     train: TrainConfig = TrainConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    # Noise-conditional classifier for classifier guidance (experiments/guidance_demo.py).
+    noise_classifier: ClassifierConfig = ClassifierConfig(steps=4_000)
     eval: EvalConfig = EvalConfig()
 
 
@@ -79,6 +81,8 @@ def get_config(name: str = "default") -> Config:
             train=dataclasses.replace(base.train, steps=150, batch_size=32, warmup_steps=20,
                                       ema_decay=0.99, log_every=50, checkpoint_every=75),
             classifier=dataclasses.replace(base.classifier, steps=150, base_channels=16),
+            noise_classifier=dataclasses.replace(base.noise_classifier, steps=150,
+                                                 base_channels=16),
             eval=dataclasses.replace(base.eval, num_samples=100, steps=8,
                                      grid_scales=(0.0, 2.0)),
         )
