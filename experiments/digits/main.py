@@ -60,7 +60,12 @@ def _classifier_loss(graphdef):
 
 
 def train_classifier(config: Config, workdir, *, progress=True):
-    """Train (or resume) the clean classifier; returns ``(classify_fn, test_accuracy)``."""
+    """Train (or resume) the clean classifier.
+
+    Returns:
+        ``(classify_fn, test_accuracy, logits_fn)``: ``classify_fn(x) -> (B,)`` labels and
+        ``logits_fn(x) -> (B, 10)`` for images ``(B, 8, 8, 1)`` in [-1, 1].
+    """
     cc = config.classifier
     net = nets.create("classifier", {"channels": 1, "num_classes": NUM_CLASSES,
                                      "base_channels": cc.base_channels},
@@ -82,13 +87,16 @@ def train_classifier(config: Config, workdir, *, progress=True):
                           progress=progress)
     params = result.state.params
 
+    def logits_fn(x):
+        return nnx.merge(graphdef, params)(x)
+
     @jax.jit
     def classify(x):
-        return jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1)
+        return jnp.argmax(logits_fn(x), axis=-1)
 
     test_x, test_y = data.load_digits("test")
     accuracy = float(np.mean(np.asarray(classify(test_x)) == test_y))
-    return classify, accuracy
+    return classify, accuracy, logits_fn
 
 
 def _noise_classifier_loss(graphdef, process):
@@ -254,7 +262,7 @@ def run(config: Config, workdir, *, progress=True, log=print):
     """All three stages; returns the evaluation record (also written to ``eval.json``)."""
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    classify, clf_accuracy = train_classifier(config, workdir, progress=progress)
+    classify, clf_accuracy, _ = train_classifier(config, workdir, progress=progress)
     if log:
         log(f"clean classifier: held-out accuracy {clf_accuracy:.4f}")
     net, process, setup, state, averages = train(config, workdir, progress=progress, log=log)
