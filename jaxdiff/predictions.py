@@ -109,7 +109,13 @@ def _from_pair(kind, x0, eps, alpha, sigma, d_alpha, d_sigma):
 def _check_alpha_positive(process, t, from_kind):
     if from_kind not in ("eps", "score") or not is_concrete(t):
         return
-    alpha = np.asarray(process.alpha(as_float_array(t)), dtype=np.float64)
+    # Under jit, jnp ops on concrete inputs are staged out unless evaluated eagerly; a process
+    # with traced parameters still yields a tracer, and then the check is skipped.
+    with jax.ensure_compile_time_eval():
+        alpha = process.alpha(as_float_array(t))
+    if not is_concrete(alpha):
+        return
+    alpha = np.asarray(alpha, dtype=np.float64)
     # cos(pi/2) and friends round to ~1e-17, not 0: anything this small is alpha = 0.
     if np.any(alpha <= _ALPHA_ZERO):
         raise ValueError(

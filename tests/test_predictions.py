@@ -191,3 +191,14 @@ def test_time_outside_range_is_refused():
 def test_public_names_exported():
     for name in ["Denoiser", "convert", "to_denoiser", "from_denoiser", "edm_precondition"]:
         assert getattr(jaxdiff, name) is getattr(predictions, name)
+
+
+def test_convert_under_jit_with_concrete_times_closed_over():
+    """The alpha > 0 check must not force a tracer to the host when t is a captured constant."""
+    process = jaxdiff.VPProcess()
+    x = jnp.ones((2, 3))
+    t = jnp.array([0.3, 0.5])
+    eps = jnp.full((2, 3), 0.25)
+    expected = jaxdiff.convert(eps, process, x, t, from_kind="eps", to_kind="x0")
+    jitted = jax.jit(lambda e: jaxdiff.convert(e, process, x, t, from_kind="eps", to_kind="x0"))
+    np.testing.assert_allclose(jitted(eps), expected, rtol=1e-14)
