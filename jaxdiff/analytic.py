@@ -148,6 +148,171 @@ def _check_times_positive(t, name):
 
 
 # ------------------------------------------------------------------------------------------------
+# Fitting to data: regularised moments, k-means and EM (used by Gaussian.fit, GaussianMixture.fit)
+# ------------------------------------------------------------------------------------------------
+
+_REMAINDERS = ("isotropic", "zero")
+# Default eigenvalue floor, relative to the mean per-coordinate variance of the data: keeps
+# constant coordinates (e.g. always-black border pixels) from making a covariance singular.
+_REL_VARIANCE_FLOOR = 1e-6
+
+
+def _flatten_data(data, name="data", min_points=2):
+    """Data of shape ``(N, ...)`` as a float ``(N, D)`` array (trailing axes flattened, C order)."""
+    data = as_float_array(data)
+    if data.ndim < 2 or data.shape[0] < min_points:
+        raise ValueError(
+            f"{name} must have shape (N, D) or (N, ...) (e.g. images (N, H, W, C)) with "
+            f"N >= {min_points}; got {name}.shape = {data.shape}."
+        )
+    if is_concrete(data) and not np.all(np.isfinite(np.asarray(data))):
+        raise ValueError(f"{name} must be finite.")
+    return data.reshape(data.shape[0], -1)
+
+
+def _check_fit_options(dim, rank, shrinkage, min_variance, remainder):
+    """Validate the (static) options shared by the ``fit`` constructors."""
+    if rank is not None and (
+        isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= dim
+    ):
+        raise ValueError(f"rank must be None or an int in [1, D = {dim}]; got {rank!r}.")
+    if not isinstance(shrinkage, (int, float, np.integer, np.floating)) or not (
+        0.0 <= float(shrinkage) <= 1.0
+    ):
+        raise ValueError(f"shrinkage must be a number in [0, 1]; got {shrinkage!r}.")
+    if min_variance is not None and (
+        not isinstance(min_variance, (int, float, np.integer, np.floating))
+        or not 0.0 < float(min_variance) < math.inf
+    ):
+        raise ValueError(f"min_variance must be None or a finite number > 0; got {min_variance!r}.")
+    if remainder not in _REMAINDERS:
+        raise ValueError(f"remainder must be one of {_REMAINDERS}; got {remainder!r}.")
+
+
+def _regularized_eigh(cov, floor, rank, shrinkage, remainder):
+    r"""Eigenpairs (descending) of a regularised covariance: ``(U (D, r'), lambda (r',))``.
+
+    :math:`\Sigma_s = (1 - s)\Sigma + s\,(\mathrm{tr}\Sigma / D) I`; with ``rank`` r the
+    ``D - r`` trailing eigenvalues are replaced by their mean (``"isotropic"``, r' = D) or
+    dropped (``"zero"``, r' = r); finally eigenvalues are floored at ``floor``.
+    """
+    d = cov.shape[-1]
+    eye = jnp.eye(d, dtype=cov.dtype)
+    cov = 0.5 * (cov + cov.T)
+    if shrinkage:
+        cov = (1.0 - shrinkage) * cov + shrinkage * (jnp.trace(cov) / d) * eye
+    eigvals, eigvecs = jnp.linalg.eigh(cov)
+    eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
+    if rank is not None and rank < d:
+        if remainder == "zero":
+            eigvals, eigvecs = eigvals[:rank], eigvecs[:, :rank]
+        else:
+            tail = jnp.full((d - rank,), jnp.mean(eigvals[rank:]), eigvals.dtype)
+            eigvals = jnp.concatenate([eigvals[:rank], tail])
+    return eigvecs, jnp.maximum(eigvals, floor)
+
+
+@jax.jit(static_argnames=("rank", "shrinkage", "remainder"))
+def _moment_fit(x, floor, *, rank, shrinkage, remainder):
+    """Mean ``(D,)`` and regularised eigenpairs of the 1/N covariance of ``x`` ``(N, D)``."""
+    mean = jnp.mean(x, axis=0)
+    dev = x - mean[None, :]
+    eigvecs, eigvals = _regularized_eigh(dev.T @ dev / x.shape[0], floor, rank, shrinkage,
+                                         remainder)
+    return mean, eigvecs, eigvals
+
+
+def _variance_floor(x, min_variance):
+    """``min_variance``, or the default relative floor times the mean variance of ``x``."""
+    if min_variance is not None:
+        return jnp.asarray(min_variance, x.dtype)
+    mean_var = jnp.mean(jnp.var(x, axis=0))
+    if is_concrete(mean_var) and not float(mean_var) > 0:
+        raise ValueError("data has zero variance in every coordinate; give min_variance > 0.")
+    return _REL_VARIANCE_FLOOR * mean_var
+
+
+def _sq_dists(x, centers):
+    """Squared distances ``(N, K)`` between points ``(N, D)`` and centres ``(K, D)``."""
+    cross = x @ centers.T
+    sq = jnp.sum(jnp.square(x), axis=1)[:, None] + jnp.sum(jnp.square(centers), axis=1)[None, :]
+    return jnp.maximum(sq - 2.0 * cross, 0.0)
+
+
+def _kmeans_plus_plus(key, x, k):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): centres ``(k, D)``."""
+    n = x.shape[0]
+    first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)
+    centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+    d2 = jnp.sum(jnp.square(x - x[first][None, :]), axis=1)
+
+    def body(i, carry):
+        centers, d2 = carry
+        # Draw with probability proportional to D^2; uniformly if every point is a centre.
+        positive = jnp.sum(d2) > 0
+        logits = jnp.where(positive, jnp.log(jnp.where(d2 > 0, d2, 1.0)), 0.0)
+        logits = jnp.where(positive & (d2 <= 0), -jnp.inf, logits)
+        idx = jax.random.categorical(jax.random.fold_in(key, i), logits)
+        centers = centers.at[i].set(x[idx])
+        d2 = jnp.minimum(d2, jnp.sum(jnp.square(x - x[idx][None, :]), axis=1))
+        return centers, d2
+
+    centers, _ = jax.lax.fori_loop(1, k, body, (centers, d2))
+    return centers
+
+
+def _kmeans(key, x, k, max_iters):
+    """Lloyd's k-means from k-means++ seeds; returns the final assignment ``(N,)`` int.
+
+    Stops when no assignment changes (or after ``max_iters`` updates). An empty cluster is
+    re-seeded at a point far from its current centre (the j-th empty cluster at the j-th
+    farthest point), the usual repair; the caller checks that none is empty at the end.
+    """
+    centers = _kmeans_plus_plus(key, x, k)
+
+    def assign(centers):
+        d2 = _sq_dists(x, centers)
+        return jnp.argmin(d2, axis=1), jnp.min(d2, axis=1)
+
+    def update(labels, dist):
+        onehot = jax.nn.one_hot(labels, k, dtype=x.dtype)
+        counts = jnp.sum(onehot, axis=0)
+        means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
+        empty = counts == 0
+        farthest = jnp.argsort(-dist)[:k]
+        slot = jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)
+        return jnp.where(empty[:, None], x[farthest[slot]], means)
+
+    def cond(carry):
+        i, _, _, _, changed = carry
+        return (i < max_iters) & changed
+
+    def body(carry):
+        i, _, labels, dist, _ = carry
+        centers = update(labels, dist)
+        new_labels, new_dist = assign(centers)
+        return i + 1, centers, new_labels, new_dist, jnp.any(new_labels != labels)
+
+    labels, dist = assign(centers)
+    carry = (jnp.asarray(0), centers, labels, dist, jnp.asarray(True))
+    _, _, labels, _, _ = jax.lax.while_loop(cond, body, carry)
+    return labels
+
+
+def _weighted_moments(x, weights):
+    """Per-component weights ``(N, K)`` -> counts ``(K,)``, means ``(K, D)``, covs ``(K, D, D)``."""
+    counts = jnp.sum(weights, axis=0)
+    safe = jnp.maximum(counts, jnp.finfo(x.dtype).tiny)
+    means = (weights.T @ x) / safe[:, None]
+
+    def cov(w, m, n):
+        dev = x - m[None, :]
+        return (dev * w[:, None]).T @ dev / n
+
+    return counts, means, jax.vmap(cov, in_axes=(1, 0, 0))(weights, means, safe)
+
+
+# ------------------------------------------------------------------------------------------------
 # Gaussian
 # ------------------------------------------------------------------------------------------------
 
@@ -274,6 +439,46 @@ class Gaussian:
         return cls(
             mean=mean, eigvecs=jnp.eye(d, dtype=dtype), eigvals=jnp.full((d,), jnp.square(std))
         )
+
+    @classmethod
+    def fit(cls, data, *, rank=None, shrinkage=0.0, min_variance=None, remainder="isotropic"):
+        r"""The moment-matched Gaussian of a data set (Wang & Vastola's Gaussian approximation).
+
+        .. math::
+            \hat\mu = \frac1N \sum_i x_i, \qquad
+            \hat\Sigma = \frac1N \sum_i (x_i - \hat\mu)(x_i - \hat\mu)^\top, \qquad
+            \Sigma_s = (1 - s)\hat\Sigma + s\,\frac{\mathrm{tr}\hat\Sigma}{D} I,
+
+        the maximum-likelihood (biased, :math:`1/N`) covariance, as in the paper, optionally
+        shrunk towards its mean variance. With ``rank = r`` only the top ``r`` eigenpairs are
+        kept: the other ``D - r`` eigenvalues are replaced by their mean (``"isotropic"``,
+        probabilistic PCA's maximum-likelihood estimate; stored with the full basis) or set to
+        zero (``"zero"``: a rank-``r`` Gaussian, no variance off the top-``r`` subspace). Last,
+        eigenvalues are floored at ``min_variance`` (default :math:`10^{-6}` times the mean
+        per-coordinate variance), so constant coordinates (border pixels) stay well defined.
+
+        Args:
+            data: samples, shape ``(N, D)`` or ``(N, ...)`` (e.g. images ``(N, H, W, C)``,
+                flattened in C order like ``x.reshape(N, -1)``), ``N >= 2``.
+            rank: None (full covariance) or ``r`` in ``[1, D]`` (static).
+            shrinkage: :math:`s \in [0, 1]`.
+            min_variance: eigenvalue floor ``> 0``, or None for the relative default.
+            remainder: ``"isotropic"`` or ``"zero"`` -- what replaces the discarded eigenvalues.
+
+        Returns:
+            A :class:`Gaussian` with eigenvalues in decreasing order.
+
+        Examples:
+            >>> x = jax.random.normal(jax.random.key(0), (500, 3)) * jnp.array([2.0, 1.0, 0.5])
+            >>> g = jaxdiff.analytic.Gaussian.fit(x)          # eigvals ~ [4, 1, 0.25]
+            >>> g2 = jaxdiff.analytic.Gaussian.fit(x, rank=1, remainder="zero")  # rank 1
+        """
+        x = _flatten_data(data)
+        _check_fit_options(x.shape[1], rank, shrinkage, min_variance, remainder)
+        floor = _variance_floor(x, min_variance)
+        mean, eigvecs, eigvals = _moment_fit(x, floor, rank=rank, shrinkage=float(shrinkage),
+                                             remainder=remainder)
+        return cls(mean=mean, eigvecs=eigvecs, eigvals=eigvals)
 
     # -- shapes ----------------------------------------------------------------------------------
 
@@ -455,6 +660,96 @@ class Gaussian:
         r"""``(mean (D,), cov (D, D))`` with :math:`\Sigma = U \mathrm{diag}(\lambda) U^\top`."""
         return self.mean, (self.eigvecs * self.eigvals[None, :]) @ self.eigvecs.T
 
+    def x0_covariance(self, process, t):
+        r"""Posterior covariance :math:`C_t = \mathrm{Cov}[x_0 \mid x_t]` (the same for every
+        :math:`x_t`).
+
+        .. math::
+            C_t = U \mathrm{diag}\Big(\frac{\lambda\sigma_t^2}{\alpha_t^2\lambda + \sigma_t^2}\Big)
+            U^\top = \big(\Sigma^{-1} + \tfrac{\alpha_t^2}{\sigma_t^2} I\big)^{-1}
+            \ \text{(full rank)} = \frac{\sigma_t^2}{\alpha_t}\,
+            \frac{\partial E[x_0 \mid x_t]}{\partial x_t},
+
+        zero off :math:`\mathrm{span}(U)` for a low-rank covariance.
+
+        Args:
+            process: the forward process.
+            t: shape ``()`` or ``(B,)``, in ``[t_min, t_max]``.
+
+        Returns:
+            shape ``(D, D)``, or ``(B, D, D)`` for ``t`` of shape ``(B,)``.
+
+        Examples:
+            >>> g = jaxdiff.analytic.Gaussian.isotropic(jnp.zeros(2), 1.0)
+            >>> g.x0_covariance(jaxdiff.EDMProcess(), 1.0)    # 0.5 * I
+        """
+        check_times(process, t)
+        t = as_float_array(t)
+        if t.ndim > 1:
+            raise ValueError(f"t must have shape () or (B,); got t.shape = {t.shape}.")
+        dtype = _float_dtype(t, self.mean)
+        a2 = jnp.square(process.alpha(t).astype(dtype))[..., None]
+        s2 = jnp.square(process.sigma(t).astype(dtype))[..., None]
+        lam = self.eigvals.astype(dtype).reshape((1,) * t.ndim + (-1,))
+        post = lam * s2 / (a2 * lam + s2)
+        return jnp.einsum("dr,...r,er->...de", self.eigvecs, post, self.eigvecs)
+
+    def condition(self, matrix, y, noise_std):
+        r"""The posterior of :math:`x_0` given one linear measurement :math:`y = A x_0 + s\,e`.
+
+        With :math:`S = A\Sigma A^\top + s^2 I`,
+
+        .. math::
+            x_0 \mid y \sim N\big(\mu + \Sigma A^\top S^{-1}(y - A\mu),\;
+            \Sigma - \Sigma A^\top S^{-1} A \Sigma\big),
+
+        computed in whitened coordinates :math:`x_0 = \mu + U\Lambda^{1/2} w`, :math:`w \sim
+        N(0, I)`: with :math:`G = A U \Lambda^{1/2}` and :math:`P = s^2 I + G^\top G` (SPD,
+        eigenvalues :math:`\ge s^2`, factored by Cholesky), :math:`w \mid y \sim N(P^{-1}G^\top
+        (y - A\mu),\, s^2 P^{-1})`. No covariance is subtracted, so the result stays positive
+        definite in floating point; a low-rank prior gives a posterior of the same rank on the
+        same subspace.
+
+        Args:
+            matrix: :math:`A`, shape ``(M, D)``.
+            y: the measurement, shape ``(M,)``.
+            noise_std: :math:`s > 0`, a scalar.
+
+        Returns:
+            The posterior, a :class:`Gaussian` (its ``denoiser(process)`` is the exact
+            posterior denoiser :math:`E[x_0 \mid x_t, y]`).
+
+        Examples:
+            >>> prior = jaxdiff.analytic.Gaussian.isotropic(jnp.zeros(3), 1.0)
+            >>> post = prior.condition(jnp.eye(3)[:2], jnp.array([1.0, -1.0]), 0.1)
+        """
+        dtype = _float_dtype(self.mean, matrix, y, noise_std)
+        a = jnp.asarray(matrix, dtype)
+        y = jnp.asarray(y, dtype)
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValueError(
+                f"matrix must have shape (M, D) with D = {self.dim}; got matrix.shape = {a.shape}."
+            )
+        if y.shape != a.shape[:1]:
+            raise ValueError(f"y must have shape (M,) = {a.shape[:1]}; got y.shape = {y.shape}.")
+        if jnp.ndim(noise_std) != 0:
+            raise ValueError(f"noise_std must be a scalar; got shape {jnp.shape(noise_std)}.")
+        check_positive(noise_std, "noise_std")
+        if is_concrete(a, y) and not (np.all(np.isfinite(a)) and np.all(np.isfinite(y))):
+            raise ValueError("matrix and y must be finite.")
+        u, lam = self.eigvecs.astype(dtype), self.eigvals.astype(dtype)
+        root = jnp.sqrt(lam)
+        g = (a @ u) * root[None, :]
+        s2 = jnp.square(jnp.asarray(noise_std, dtype))
+        eye = jnp.eye(self.rank, dtype=dtype)
+        chol = jnp.linalg.cholesky(s2 * eye + g.T @ g)
+        w_mean = jax.scipy.linalg.cho_solve((chol, True), g.T @ (y - a @ self.mean)[:, None])
+        w_cov = s2 * jax.scipy.linalg.cho_solve((chol, True), eye)
+        z_cov = root[:, None] * w_cov * root[None, :]
+        eigvals, v = jnp.linalg.eigh(0.5 * (z_cov + z_cov.T))
+        mean = self.mean.astype(dtype) + u @ (root * w_mean[:, 0])
+        return Gaussian(mean=mean, eigvecs=u @ v, eigvals=eigvals)
+
 
 def _unconditional_denoise(dist, process, x, t, cond=None):
     """Denoiser-contract adapter for distributions without conditioning."""
@@ -606,6 +901,111 @@ class GaussianMixture:
         check_positive(variances, "variances")
         components = Gaussian(mean=means, eigvecs=bases, eigvals=variances)
         return cls._with_labels(logits.astype(dtype), components, labels, num_classes)
+
+    @classmethod
+    def fit(
+        cls,
+        key,
+        data,
+        num_components,
+        *,
+        max_iters=100,
+        em_steps=0,
+        rank=None,
+        shrinkage=0.0,
+        min_variance=None,
+        remainder="isotropic",
+    ):
+        r"""Fit a ``K``-component mixture to data: k-means clusters, per-cluster Gaussians, EM.
+
+        As in Wang & Vastola: k-means (k-means++ seeding from ``key``, then Lloyd iterations
+        until no assignment changes, at most ``max_iters``) partitions the data; component
+        ``k`` gets its cluster's frequency as weight, its mean and its maximum-likelihood
+        covariance, regularised exactly as in :meth:`Gaussian.fit` (``shrinkage``, ``rank``,
+        ``remainder``, ``min_variance``; the default floor is relative to the variance of the
+        whole data set). ``em_steps > 0`` then refines all parameters by that many EM
+        iterations (soft responsibilities :math:`r_{ik} \propto \pi_k N(x_i; \mu_k,
+        \Sigma_k)`; each M-step regularises again). Deterministic for a given ``key``.
+
+        Args:
+            key: typed PRNG key (k-means++ seeding).
+            data: samples ``(N, D)`` or ``(N, ...)`` (flattened like :meth:`Gaussian.fit`).
+            num_components: ``K`` in ``[1, N]`` (static).
+            max_iters: maximum number of Lloyd updates (static int >= 1).
+            em_steps: EM iterations after k-means (static int >= 0; needs full-rank
+                components, i.e. not ``remainder="zero"`` with ``rank < D``).
+            rank, shrinkage, min_variance, remainder: as in :meth:`Gaussian.fit`.
+
+        Returns:
+            A :class:`GaussianMixture` without labels.
+
+        Examples:
+            >>> x = jnp.concatenate([jax.random.normal(jax.random.key(0), (200, 2)) - 3,
+            ...                      jax.random.normal(jax.random.key(1), (200, 2)) + 3])
+            >>> mix = jaxdiff.analytic.GaussianMixture.fit(jax.random.key(2), x, 2)
+        """
+        x = _flatten_data(data)
+        n, d = x.shape
+        if (isinstance(num_components, bool) or not isinstance(num_components, (int, np.integer))
+                or not 1 <= num_components <= n):
+            raise ValueError(
+                f"num_components must be an int in [1, N = {n}]; got {num_components!r}."
+            )
+        for name, value, low in (("max_iters", max_iters, 1), ("em_steps", em_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+        _check_fit_options(d, rank, shrinkage, min_variance, remainder)
+        if em_steps and rank is not None and rank < d and remainder == "zero":
+            raise ValueError(
+                "em_steps > 0 needs full-rank components (data densities); use "
+                "remainder='isotropic' or rank=None."
+            )
+        floor = _variance_floor(x, min_variance)
+        logits, components, labels = cls._fit_arrays(
+            key, x, floor, k=int(num_components), max_iters=int(max_iters),
+            em_steps=int(em_steps), rank=rank, shrinkage=float(shrinkage), remainder=remainder,
+        )
+        if is_concrete(labels):
+            empty = int(np.sum(np.bincount(np.asarray(labels), minlength=num_components) == 0))
+            if empty:
+                raise ValueError(
+                    f"k-means left {empty} of {num_components} clusters empty; does the data "
+                    f"have at least num_components = {num_components} distinct points?"
+                )
+        return cls(logits=logits, components=components)
+
+    @staticmethod
+    @jax.jit(static_argnames=("k", "max_iters", "em_steps", "rank", "shrinkage", "remainder"))
+    def _fit_arrays(key, x, floor, *, k, max_iters, em_steps, rank, shrinkage, remainder):
+        """k-means, per-cluster Gaussians and EM as one program: ``(logits, components, labels)``.
+
+        A component that loses every point keeps a tiny, finite weight.
+        """
+        n = x.shape[0]
+
+        def fit(weights):
+            counts, means, covs = _weighted_moments(x, weights)
+            eigvecs, eigvals = jax.vmap(
+                lambda c: _regularized_eigh(c, floor, rank, shrinkage, remainder)
+            )(covs)
+            counts = jnp.maximum(counts, jnp.finfo(x.dtype).tiny)
+            return Gaussian(mean=means, eigvecs=eigvecs, eigvals=eigvals), counts
+
+        labels = _kmeans(key, x, k, max_iters)
+        components, counts = fit(jax.nn.one_hot(labels, k, dtype=x.dtype))
+
+        def em_step(_, carry):
+            components, counts = carry
+            ones = jnp.ones((n, 1), x.dtype)
+            log_dens = jax.vmap(lambda g: g._log_prob_at(x, ones, jnp.zeros_like(ones)))(
+                components
+            )  # (K, N)
+            log_joint = jnp.log(counts / n)[:, None] + log_dens
+            return fit(jax.nn.softmax(log_joint, axis=0).T)
+
+        if em_steps:
+            components, counts = jax.lax.fori_loop(0, em_steps, em_step, (components, counts))
+        return jnp.log(counts / n), components, labels
 
     @classmethod
     def _with_labels(cls, logits, components, labels, num_classes):
