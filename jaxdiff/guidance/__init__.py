@@ -25,11 +25,68 @@ Conventions shared by the transforms:
   leading axis of size 2 (``jax.vmap``), never as a concatenation along the (possibly sharded)
   batch axis.
 
-Available transforms:
+Denoiser transforms (pure; one guided denoiser in, one out):
 
-* :func:`classifier_free` -- classifier-free guidance (Ho & Salimans 2022).
+* :func:`classifier_free` -- classifier-free guidance (Ho & Salimans 2022) with an explicit
+  ``space``, guidance rescale (Lin et al. 2023), guidance intervals (Kynkäänniemi et al. 2024)
+  and negative conditions;
+* :func:`composable` and :func:`stack_conds` -- composable diffusion AND / NOT (Liu et al. 2022);
+* :func:`classifier_guidance` with :func:`log_prob_from_logits` -- a noise-conditional
+  classifier (Dhariwal & Nichol 2021); :func:`calibrated_classifier_guidance` and
+  :func:`sine_bump` -- EluCD-style guidance by a clean classifier on :math:`\hat x_0`;
+* :func:`noise_range_experts`, :func:`condition_schedule`, :func:`condition_blend` -- a
+  different network or condition per noise interval (PPAP, ProSpect, prompt blending);
+* :func:`loss_guidance`, :func:`measurement_loss`, :func:`gaussian_likelihood_guidance` --
+  guidance by a loss of :math:`\hat x_0` (DPS as a score transform, universal forward
+  guidance, steered diffusion) with the operators of :mod:`jaxdiff.guidance.operators`.
+
+Sampler-level wrappers (they carry state across steps or hold several particles, and have the
+sampler signature ``(key, denoiser, process, x_init, ts, *, ...) -> x``):
+
+* :func:`dps` -- diffusion posterior sampling in its original form (Chung et al. 2023);
+* :func:`self_recurrence` -- universal guidance's re-noising loop (Bansal et al. 2023).
 """
 
+from . import operators as operators
+from .classifier import calibrated_classifier_guidance as calibrated_classifier_guidance
+from .classifier import classifier_guidance as classifier_guidance
+from .classifier import log_prob_from_logits as log_prob_from_logits
+from .classifier import sine_bump as sine_bump
 from .classifier_free import classifier_free as classifier_free
+from .composable import composable as composable
+from .composable import stack_conds as stack_conds
+from .loss_guided import dps as dps
+from .loss_guided import gaussian_likelihood_guidance as gaussian_likelihood_guidance
+from .loss_guided import loss_guidance as loss_guidance
+from .loss_guided import measurement_loss as measurement_loss
+from .loss_guided import self_recurrence as self_recurrence
+from .operators import colorization as colorization
+from .operators import inpainting as inpainting
+from .operators import linear as linear
+from .operators import super_resolution as super_resolution
+from .schedules import condition_blend as condition_blend
+from .schedules import condition_schedule as condition_schedule
+from .schedules import noise_range_experts as noise_range_experts
 
-__all__ = ["classifier_free"]
+__all__ = [
+    "calibrated_classifier_guidance",
+    "classifier_free",
+    "classifier_guidance",
+    "colorization",
+    "composable",
+    "condition_blend",
+    "condition_schedule",
+    "dps",
+    "gaussian_likelihood_guidance",
+    "inpainting",
+    "linear",
+    "log_prob_from_logits",
+    "loss_guidance",
+    "measurement_loss",
+    "noise_range_experts",
+    "operators",
+    "self_recurrence",
+    "sine_bump",
+    "stack_conds",
+    "super_resolution",
+]
