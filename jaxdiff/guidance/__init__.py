@@ -44,10 +44,20 @@ Sampler-level wrappers (they carry state across steps or hold several particles,
 sampler signature ``(key, denoiser, process, x_init, ts, *, ...) -> x``):
 
 * :func:`dps` -- diffusion posterior sampling in its original form (Chung et al. 2023);
-* :func:`self_recurrence` -- universal guidance's re-noising loop (Bansal et al. 2023).
+* :func:`self_recurrence` -- universal guidance's re-noising loop (Bansal et al. 2023);
+* :func:`adaptive_guidance` (static switch) and :func:`adaptive_guidance_dynamic` /
+  :func:`adaptive_guidance_dynamic_with_info` (cosine-similarity switch) -- CFG for the first
+  steps only (Castillo et al.), with :func:`adaptive_guidance_nfe` counting network calls;
+* :func:`sdedit` and :func:`repaint` / :func:`repaint_schedule` -- editing baselines
+  (Meng et al. 2022; Lugmayr et al. 2022).
 """
 
 from . import operators as operators
+from .adaptive import AdaptiveGuidanceInfo as AdaptiveGuidanceInfo
+from .adaptive import adaptive_guidance as adaptive_guidance
+from .adaptive import adaptive_guidance_dynamic as adaptive_guidance_dynamic
+from .adaptive import adaptive_guidance_dynamic_with_info as adaptive_guidance_dynamic_with_info
+from .adaptive import adaptive_guidance_nfe as adaptive_guidance_nfe
 from .classifier import calibrated_classifier_guidance as calibrated_classifier_guidance
 from .classifier import classifier_guidance as classifier_guidance
 from .classifier import log_prob_from_logits as log_prob_from_logits
@@ -55,6 +65,9 @@ from .classifier import sine_bump as sine_bump
 from .classifier_free import classifier_free as classifier_free
 from .composable import composable as composable
 from .composable import stack_conds as stack_conds
+from .editing import repaint as repaint
+from .editing import repaint_schedule as repaint_schedule
+from .editing import sdedit as sdedit
 from .loss_guided import dps as dps
 from .loss_guided import gaussian_likelihood_guidance as gaussian_likelihood_guidance
 from .loss_guided import loss_guidance as loss_guidance
@@ -69,6 +82,11 @@ from .schedules import condition_schedule as condition_schedule
 from .schedules import noise_range_experts as noise_range_experts
 
 __all__ = [
+    "AdaptiveGuidanceInfo",
+    "adaptive_guidance",
+    "adaptive_guidance_dynamic",
+    "adaptive_guidance_dynamic_with_info",
+    "adaptive_guidance_nfe",
     "calibrated_classifier_guidance",
     "classifier_free",
     "classifier_guidance",
@@ -85,6 +103,9 @@ __all__ = [
     "measurement_loss",
     "noise_range_experts",
     "operators",
+    "repaint",
+    "repaint_schedule",
+    "sdedit",
     "self_recurrence",
     "sine_bump",
     "stack_conds",
