@@ -310,17 +310,21 @@ def ddpm(
         raise ValueError(f"variance must be 'fixed_small' or 'fixed_large'; got {variance!r}.")
     check_inputs(process, x_init, ts, noise=noise, num_draws=1)
     dtype = coeff_dtype(x_init, ts)
+    one = jnp.asarray(1.0, dtype)
 
     def step(x, inp):
         t, s = inp.t.astype(dtype), inp.s.astype(dtype)
         x0 = call_denoiser(denoiser, x, inp.t, cond)
+        if variance == "fixed_small":
+            # The very same arithmetic as DDIM(1), so the two (and samplers built on this step,
+            # e.g. SVDD with one candidate) agree bit for bit.
+            return _ddim_step(process, x, x0, t, s, one, inp.noise[0]).astype(x.dtype)
         s_ = safe_next_time(t, s)
         alpha_s, sigma_s, sigma_t = process.alpha(s_), process.sigma(s_), process.sigma(t)
         h = half_log_snr(process, s_) - half_log_snr(process, t)
         e2 = -jnp.expm1(-2.0 * h)
         mean = bcast(sigma_s / sigma_t * jnp.exp(-h), x) * x + bcast(alpha_s * e2, x) * x0
-        std = (sigma_s if variance == "fixed_small" else sigma_t) * safe_sqrt(e2)
-        x_next = mean + bcast(std, x) * inp.noise[0]
+        x_next = mean + bcast(sigma_t * safe_sqrt(e2), x) * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
     return _run(step, x_init, ts, key, noise, 1, example_index)
