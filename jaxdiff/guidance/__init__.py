@@ -49,7 +49,14 @@ sampler signature ``(key, denoiser, process, x_init, ts, *, ...) -> x``):
   :func:`adaptive_guidance_dynamic_with_info` (cosine-similarity switch) -- CFG for the first
   steps only (Castillo et al.), with :func:`adaptive_guidance_nfe` counting network calls;
 * :func:`sdedit` and :func:`repaint` / :func:`repaint_schedule` -- editing baselines
-  (Meng et al. 2022; Lugmayr et al. 2022).
+  (Meng et al. 2022; Lugmayr et al. 2022);
+* :func:`svdd` -- derivative-free soft-value decoding with a (non-differentiable) reward
+  (Li et al. 2024).
+
+Sequences (TSDiff, Kollovieh et al. 2023): :func:`observation_guidance` (a denoiser transform:
+MSE or quantile self-guidance on the observed entries, with :func:`quantile_levels`) and
+:func:`refine` / :func:`refine_energy` / :func:`best_diffusion_time` (improving a base forecast
+by descent or Langevin sampling on the diffusion-loss energy).
 """
 
 from . import operators as operators
@@ -80,6 +87,12 @@ from .operators import super_resolution as super_resolution
 from .schedules import condition_blend as condition_blend
 from .schedules import condition_schedule as condition_schedule
 from .schedules import noise_range_experts as noise_range_experts
+from .svdd import svdd as svdd
+from .tsdiff import best_diffusion_time as best_diffusion_time
+from .tsdiff import observation_guidance as observation_guidance
+from .tsdiff import quantile_levels as quantile_levels
+from .tsdiff import refine as refine
+from .tsdiff import refine_energy as refine_energy
 
 __all__ = [
     "AdaptiveGuidanceInfo",
@@ -87,6 +100,7 @@ __all__ = [
     "adaptive_guidance_dynamic",
     "adaptive_guidance_dynamic_with_info",
     "adaptive_guidance_nfe",
+    "best_diffusion_time",
     "calibrated_classifier_guidance",
     "classifier_free",
     "classifier_guidance",
@@ -102,7 +116,11 @@ __all__ = [
     "loss_guidance",
     "measurement_loss",
     "noise_range_experts",
+    "observation_guidance",
     "operators",
+    "quantile_levels",
+    "refine",
+    "refine_energy",
     "repaint",
     "repaint_schedule",
     "sdedit",
@@ -110,4 +128,5 @@ __all__ = [
     "sine_bump",
     "stack_conds",
     "super_resolution",
+    "svdd",
 ]
