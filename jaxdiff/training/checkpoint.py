@@ -4,8 +4,9 @@ A checkpoint directory holds one sub-directory per saved step (orbax ``Checkpoin
 each with three items:
 
 * ``state`` -- the :class:`~jaxdiff.training.TrainState` arrays (params, averages, optimizer
-  state, step, key data, counters), written by orbax's ``StandardSave`` as global arrays, so it
-  restores onto any device mesh or sharding (the restore target decides the layout);
+  state, step, key data, counters), written by orbax's ``StandardSave`` (from a host snapshot
+  in one process, as global arrays across processes); the restore target decides the layout,
+  so it restores onto any device mesh or sharding;
 * ``meta`` -- JSON: the process (class and fields), the prediction kind, the network's name and
   config, the averages kept, and any user fields; enough to rebuild a denoiser with no code;
 * ``data`` -- JSON: the data iterator's position, so a resumed run sees the same batches.
@@ -21,6 +22,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -139,14 +141,37 @@ class _DifferentRun(ValueError):
     """The directory holds a checkpoint written with other metadata."""
 
 
+def _host_snapshot(tree):
+    """A host copy of ``tree`` that owns its memory (the device buffers may then be donated).
+
+    ``jax.device_get`` starts every device-to-host transfer before waiting for any. On the CPU
+    backend device memory is host memory and it returns views of the buffers; those are copied,
+    so that donating the state neither clobbers the snapshot nor is silently skipped.
+    """
+
+    def own(src, host):
+        on_cpu = isinstance(src, jax.Array) and all(d.platform == "cpu" for d in src.devices())
+        return np.array(host, copy=True) if on_cpu else host
+
+    return jax.tree.map(own, tree, jax.device_get(tree))
+
+
 class Checkpointer:
     r"""Saves and restores :class:`~jaxdiff.training.TrainState` with metadata (orbax).
+
+    With ``async_save`` the step loop is blocked only while the arrays are copied to host
+    memory: in a single process, ``save`` takes a host snapshot of the state and a background
+    thread (owning the snapshot) writes it with orbax; with several processes, orbax's own
+    asynchronous writer is used (it copies this process's shards to the host and writes them in
+    the background). Either way at most one save is in flight: the next ``save``, :meth:`wait`,
+    :meth:`restore` and :meth:`close` first wait for it, and an error raised while writing in the
+    background is re-raised there. Synchronous and asynchronous saves write the same files.
 
     Args:
         directory: where the step sub-directories live (created if missing).
         keep: how many most recent checkpoints to keep.
-        async_save: write in a background thread (``save`` returns once the arrays are copied
-            off the devices); call :meth:`wait` (or :meth:`close`) before reading them.
+        async_save: write in the background (``save`` returns once the arrays are on the host);
+            call :meth:`wait` (or :meth:`close`) before reading them.
         metadata: JSON-serialisable description stored with every checkpoint (see
             :func:`load_model` for the fields it uses: ``process``, ``prediction``, ``net``).
 
@@ -154,6 +179,7 @@ class Checkpointer:
         >>> ckpt = Checkpointer("run/checkpoints", keep=3, metadata=meta)
         >>> ckpt.save(state, data_state=batches.get_state())
         >>> state, data_state = ckpt.restore(state)
+        >>> ckpt.close()
     """
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True, metadata=None):
@@ -164,19 +190,25 @@ class Checkpointer:
         self.async_save = bool(async_save)
         self.metadata = {} if metadata is None else dict(metadata)
         json.dumps(self.metadata)  # fail now, not in a background thread
+        # Global arrays spanning several processes cannot be snapshotted by one process: there
+        # every process hands its shards to orbax's collective asynchronous writer instead.
+        self._multiprocess = jax.process_count() > 1
+        self._executor = None
+        self._pending = None
         self._manager = self._make_manager()
 
     def _make_manager(self):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep,
-            enable_async_checkpointing=self.async_save,
+            enable_async_checkpointing=self.async_save and self._multiprocess,
             create=True,
             cleanup_tmp_directories=True,
         )
         return ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
-        """Saved steps, ascending."""
+        """Saved steps, ascending (after any save in flight has finished)."""
+        self.wait()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
@@ -185,27 +217,58 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, state: TrainState, *, data_state=None, force: bool = True) -> bool:
-        """Save ``state`` at its step (with the data iterator state); returns whether it saved."""
+        """Save ``state`` at its step (with the data iterator state).
+
+        Returns whether it saved (with ``async_save``: whether it started the save; an error
+        while writing is raised by the next call). Blocks until the previous save is durable
+        (re-raising its error, if any) and, with ``async_save``, until ``state`` is copied to
+        the host; ``state`` may be donated as soon as this returns.
+        """
+        self.wait()
         step = int(jax.device_get(state.step))
+        if not force and not self._manager.should_save(step):
+            return False
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, **self.metadata}
+        json.dumps(data_state)  # fail now, not in a background thread
+        tree = _state_tree(state)
+        if self._multiprocess:
+            return self._write(step, tree, meta, data_state)
+        tree = _host_snapshot(tree)
+        if not self.async_save:
+            return self._write(step, tree, meta, data_state)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="jaxdiff-checkpoint")
+        self._pending = self._executor.submit(self._write, step, tree, meta, data_state)
+        return True
+
+    def _write(self, step, tree, meta, data_state) -> bool:
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_tree(state)),
+            state=ocp.args.StandardSave(tree),
             meta=ocp.args.JsonSave(meta),
             data=ocp.args.JsonSave({"state": data_state}),
         )
-        return bool(self._manager.save(step, args=args, force=force))
+        return bool(self._manager.save(step, args=args, force=True))
 
     def wait(self):
-        """Block until background saves are on disk."""
+        """Block until background saves are on disk; re-raise a background save's error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
         self._manager.wait_until_finished()
 
     def close(self):
-        """Finish pending saves and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish pending saves (re-raising their error) and release the manager."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._manager.close()
 
     def _quarantine(self, step: int):
-        self._manager.wait_until_finished()
+        self.wait()
         src = os.path.join(self.directory, str(step))
         dest_root = self.directory.rstrip(os.sep) + ".corrupt"
         os.makedirs(dest_root, exist_ok=True)
@@ -244,10 +307,10 @@ class Checkpointer:
             ``(state, data_state)``, or ``(None, None)`` if the directory holds no checkpoint.
 
         Raises:
+            Exception: a background save that failed (see :meth:`wait`).
             ValueError: the checkpoint's metadata differs from this checkpointer's (a run with
                 another config in the same directory); nothing is moved or deleted.
         """
-        self._manager.wait_until_finished()
         steps = [step] if step is not None else self.all_steps()[::-1]
         abstract = _abstract(_state_tree(target))
         treedef = jax.tree.structure(abstract)
