@@ -10,6 +10,7 @@ checkpoints) and :mod:`jaxdiff.data` (toy sets, digits, TFDS, batching) -- are i
 explicitly, so the core needs none of Flax, optax or orbax.
 """
 
+from . import analysis as analysis
 from . import analytic as analytic
 from . import guidance as guidance
 from . import losses as losses
@@ -47,6 +48,7 @@ __all__ = [
     "SubVPProcess",
     "VEProcess",
     "VPProcess",
+    "analysis",
     "analytic",
     "convert",
     "edm_precondition",

@@ -13,6 +13,7 @@ CORE_MODULES = [
     "jaxdiff.processes",
     "jaxdiff.predictions",
     "jaxdiff.analytic",
+    "jaxdiff.analysis",
     "jaxdiff.metrics",
     "jaxdiff.timesteps",
     "jaxdiff.samplers",
@@ -68,8 +69,8 @@ def test_top_level_reexports_are_the_module_objects():
 
 def test_core_does_not_import_training_dependencies():
     code = (
-        "import sys, jaxdiff, jaxdiff.analytic, jaxdiff.metrics, jaxdiff.samplers, "
-        "jaxdiff.timesteps, jaxdiff.losses, jaxdiff.guidance, jaxdiff.parallel\n"
+        "import sys, jaxdiff, jaxdiff.analytic, jaxdiff.analysis, jaxdiff.metrics, "
+        "jaxdiff.samplers, jaxdiff.timesteps, jaxdiff.losses, jaxdiff.guidance, jaxdiff.parallel\n"
         "bad = [m for m in ('flax', 'optax', 'orbax', 'grain', 'tensorflow_datasets', "
         "'tensorflow', 'ml_collections', 'absl.flags') if m in sys.modules]\n"
         "print(','.join(bad))\n"

@@ -3,6 +3,8 @@
 Every sampler has the signature ``(key, denoiser, process, x_init, ts, *, cond=None, ...) -> x``
 and returns the state at ``ts[-1]``. Shared conventions (per-example noise streams, explicit
 noise, a final exact 0 in the grid) are described in :mod:`jaxdiff.samplers._core`.
+:func:`teleport` replaces a sampler's first steps by the closed-form probability-flow jump of a
+Gaussian fitted to the data (analytical teleportation), :func:`teleport_nfe` counts the calls.
 """
 
 from ._dpm_solver import dpm_solver_pp as dpm_solver_pp
@@ -20,6 +22,12 @@ from ._sample import GRIDS as GRIDS
 from ._sample import METHODS as METHODS
 from ._sample import get_method as get_method
 from ._sample import sample as sample
+from ._teleport import NFE as NFE
+from ._teleport import TeleportStart as TeleportStart
+from ._teleport import sampler_nfe as sampler_nfe
+from ._teleport import teleport as teleport
+from ._teleport import teleport_nfe as teleport_nfe
+from ._teleport import teleport_start as teleport_start
 from ._transforms import clip_x0 as clip_x0
 from ._transforms import dynamic_threshold as dynamic_threshold
 from ._unipc import unipc as unipc
@@ -27,6 +35,8 @@ from ._unipc import unipc as unipc
 __all__ = [
     "GRIDS",
     "METHODS",
+    "NFE",
+    "TeleportStart",
     "clip_x0",
     "ddim",
     "ddpm",
@@ -42,5 +52,9 @@ __all__ = [
     "pf_euler",
     "predictor_corrector",
     "sample",
+    "sampler_nfe",
+    "teleport",
+    "teleport_nfe",
+    "teleport_start",
     "unipc",
 ]
