@@ -173,6 +173,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~25-40 s on 2 cores: run with `pytest -m slow tests/test_parallel.py`
 def test_two_processes_train_checkpoint_and_restore_in_one(tmp_path):
     """Two local processes with 4 CPU devices each; then one process restores the checkpoint."""
     import os
