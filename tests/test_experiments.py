@@ -117,3 +117,23 @@ def test_digits_smoke(digits_run):
         denoiser(jnp.zeros((2, 7, 7, 1), jnp.float32), jnp.ones(2), None)
     with pytest.raises(ValueError):
         denoiser(jnp.zeros((2, 8, 8, 3), jnp.float32), jnp.ones(2), None)
+
+
+@pytest.mark.slow  # about a minute on 2 cores (a noise classifier and nine guided samplers)
+def test_guidance_demo_quick_writes_the_panel_and_numbers(digits_run, tmp_path):
+    from experiments.guidance_demo import run
+
+    workdir, _ = digits_run
+    digits_copy = tmp_path / "digits"
+    shutil.copytree(workdir, digits_copy)
+    results = run(quick=True, digits_workdir=str(digits_copy), workdir=str(tmp_path / "out"),
+                  log=None)
+    assert os.path.isfile(tmp_path / "out" / "guidance_panel.png")
+    with open(tmp_path / "out" / "guidance.json") as f:
+        assert json.load(f).keys() == results.keys()
+    # Scale 0 of every transform is the unconditional model; exact 2-D AND reaches its corner.
+    assert results["fraction_in_target_left_AND_top"] > 0.95
+    # Loss guidance fits the measurement better than unguided samples.
+    for task in ("inpainting", "super_resolution"):
+        assert (results[f"{task}_measurement_error"]
+                < results[f"{task}_measurement_error_unguided"])
