@@ -325,6 +325,7 @@ def test_dynamic_rejects_bad_input(setup):
 # -- the trained digits model -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digits_adaptive_guidance_saves_calls_at_cfg_quality(digits_run):
     """AG with half the steps guided against full CFG on the digits smoke model (scale 2)."""
     from jaxdiff import training

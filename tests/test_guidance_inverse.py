@@ -287,25 +287,31 @@ def test_loss_guidance_adds_scale_times_minus_grad_loss_in_score_space():
     t = jnp.linspace(0.05, 0.9, b)
     scale = jnp.array([0.0, 0.5, 1.0, 2.0, -1.5])
 
-    def total_loss(z):
-        return jnp.sum(loss(prior.denoise(process, z, t)))
+    @jax.jit  # one program for every quantity below (arrays as arguments)
+    def quantities(x, t, scale):
+        def total_loss(z):
+            return jnp.sum(loss(prior.denoise(process, z, t)))
 
-    g = -jax.grad(total_loss)(x)
-    plain = denoiser(x, t)
-    guided = loss_guidance(denoiser, process, loss, scale)(x, t)
-    score_gap = convert(guided, process, x, t, from_kind="x0", to_kind="score") - convert(
-        plain, process, x, t, from_kind="x0", to_kind="score"
-    )
-    np.testing.assert_allclose(score_gap, scale[:, None] * g, rtol=1e-9, atol=1e-9)
+        plain = denoiser(x, t)
+        guided = loss_guidance(denoiser, process, loss, scale)(x, t)
+        score_gap = convert(guided, process, x, t, from_kind="x0", to_kind="score") - convert(
+            plain, process, x, t, from_kind="x0", to_kind="score"
+        )
+        # Without the denoiser: g = -grad_{x0} loss at x0_hat.
+        g0 = -jax.grad(lambda z: jnp.sum(loss(z)))(plain)
+        steered = loss_guidance(denoiser, process, loss, scale, through_denoiser=False)(x, t)
+        coef = (process.sigma(t) ** 2 / process.alpha(t))[:, None]
+        return dict(g=-jax.grad(total_loss)(x), plain=plain, guided=guided,
+                    score_gap=score_gap, g0=g0, steered=steered, coef=coef)
+
+    q = {k: np.asarray(v) for k, v in quantities(x, t, scale).items()}
+    g, plain, guided, steered = q["g"], q["plain"], q["guided"], q["steered"]
+    s = np.asarray(scale)[:, None]
+    np.testing.assert_allclose(q["score_gap"], s * g, rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(guided[0], plain[0])  # scale 0 is the unguided denoiser
-    assert float(jnp.max(jnp.abs(g))) > 1e-2
-
-    # Without the denoiser: g = -grad_{x0} loss at x0_hat.
-    g0 = -jax.grad(lambda z: jnp.sum(loss(z)))(plain)
-    steered = loss_guidance(denoiser, process, loss, scale, through_denoiser=False)(x, t)
-    coef = (process.sigma(t) ** 2 / process.alpha(t))[:, None]
-    np.testing.assert_allclose(steered, plain + coef * scale[:, None] * g0, rtol=1e-12)
-    assert float(jnp.max(jnp.abs(steered - guided))) > 1e-3  # the two approximations differ
+    assert np.max(np.abs(g)) > 1e-2
+    np.testing.assert_allclose(steered, plain + q["coef"] * s * q["g0"], rtol=1e-12)
+    assert np.max(np.abs(steered - guided)) > 1e-3  # the two approximations differ
 
     # A traced scale does not recompile.
     traces = []
@@ -338,10 +344,11 @@ def test_steered_guidance_never_differentiates_the_denoiser():
         return net(x, t)
 
     x, t = jnp.ones((3, D)), jnp.full((3,), 0.5)
-    out = loss_guidance(denoiser, process, loss, 1.0, through_denoiser=False)(x, t)
-    assert out.shape == (3, D)
+    # Under jit: the backward rule runs (and raises) while tracing; one compilation in all.
+    out = jax.jit(loss_guidance(denoiser, process, loss, 1.0, through_denoiser=False))(x, t)
+    assert out.shape == (3, D) and np.all(np.isfinite(np.asarray(out)))
     with pytest.raises(RuntimeError, match="differentiated"):
-        loss_guidance(denoiser, process, loss, 1.0)(x, t)
+        jax.jit(loss_guidance(denoiser, process, loss, 1.0))(x, t)
 
 
 def test_measurement_losses():
@@ -446,20 +453,35 @@ def test_dps_with_zero_zeta_is_ancestral_ddpm_and_self_recurrence_of_one_is_ddim
     b = 5
     x_init = _normal((b, D), 8)
     index, perm = jnp.arange(b), jnp.array([3, 1, 4, 0, 2])
-    out = _dps_jit(key, den, loss, process, x_init, ts, 0.0, index)
-    np.testing.assert_array_equal(out, _ddim_jit(key, den, process, x_init, ts, 1.0))
+
+    # Every sampler in one compiled program (each is its own scan); arrays enter as arguments.
+    @jax.jit
+    def run_all(key, x_init, ts, index, perm):
+        def dps_run(x, zeta, idx):
+            return dps(key, den, process, x, ts, loss_fn=loss, zeta=zeta, example_index=idx)
+
+        # zeta = 0 and 0.1 (and the permuted batch) under one vmap: one DPS scan.
+        zetas = jnp.array([0.0, 0.1, 0.1])
+        runs = jax.vmap(dps_run)(jnp.stack([x_init, x_init, x_init[perm]]), zetas,
+                                 jnp.stack([index, index, perm]))
+        return dict(
+            dps=runs,
+            ddim1=ddim(key, den, process, x_init, ts, eta=1.0),
+            ddpm=ddpm(key, den, process, x_init, ts),
+            ddim_half=ddim(key, den, process, x_init, ts, eta=0.5),
+            self_rec=self_recurrence(key, den, process, x_init, ts, repeats=1, eta=0.5,
+                                     example_index=index),
+        )
+
+    r = run_all(key, x_init, ts, index, perm)
+    out, guided, permuted = r["dps"]
+    np.testing.assert_array_equal(out, r["ddim1"])
     # ddpm ("fixed_small") runs DDIM(1)'s step: the same sampler.
-    np.testing.assert_array_equal(out, ddpm(key, den, process, x_init, ts))
-    guided = _dps_jit(key, den, loss, process, x_init, ts, 0.1, index)
+    np.testing.assert_array_equal(out, r["ddpm"])
     assert float(jnp.max(jnp.abs(guided - out))) > 1e-2
     # Per-example noise streams: permuted examples with their global indices give the same rows.
-    permuted = _dps_jit(key, den, loss, process, x_init[perm], ts, 0.1, perm)
     np.testing.assert_allclose(permuted, guided[perm], rtol=1e-13, atol=1e-13)
-
-    np.testing.assert_array_equal(
-        _self_recurrence_jit(key, den, process, x_init, ts, 0.5, index, repeats=1),
-        _ddim_jit(key, den, process, x_init, ts, 0.5),
-    )
+    np.testing.assert_array_equal(r["self_rec"], r["ddim_half"])
 
 
 @pytest.mark.slow
