@@ -59,6 +59,30 @@ def _classifier_loss(graphdef):
     return loss_fn
 
 
+def _fit_classifier(cc, name, workdir, make_loss, *, seed, progress):
+    """Train (or resume) the network ``name`` on the digits labels in ``DIR/name``.
+
+    ``make_loss(graphdef)`` gives the loss; returns ``(graphdef, trained params)``.
+    """
+    net = nets.create(name, {"channels": 1, "num_classes": NUM_CLASSES,
+                             "base_channels": cc.base_channels}, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(net)
+    params = nnx.to_pure_dict(params)
+    images, labels = data.load_digits("train")
+    batches = data.batches({"x": images, "label": labels}, cc.batch_size, seed=seed)
+    optimizer, _ = training.make_optimizer(cc.lr, warmup_steps=min(100, cc.steps // 10),
+                                           schedule="cosine", decay_steps=cc.steps)
+    state = training.create_train_state(jax.random.key(seed), params, optimizer)
+    step = training.make_train_step(make_loss(graphdef), optimizer)
+    net_name, net_config = nets.config_of(net)
+    result = training.fit(state, step, batches, num_steps=cc.steps,
+                          workdir=os.path.join(workdir, name),
+                          metadata={"net": {"name": net_name, "config": net_config}},
+                          checkpoint_every=cc.steps, keep=1, log_every=max(1, cc.steps // 5),
+                          progress=progress)
+    return graphdef, result.state.params
+
+
 def train_classifier(config: Config, workdir, *, progress=True):
     """Train (or resume) the clean classifier.
 
@@ -66,26 +90,9 @@ def train_classifier(config: Config, workdir, *, progress=True):
         ``(classify_fn, test_accuracy, logits_fn)``: ``classify_fn(x) -> (B,)`` labels and
         ``logits_fn(x) -> (B, 10)`` for images ``(B, 8, 8, 1)`` in [-1, 1].
     """
-    cc = config.classifier
-    net = nets.create("classifier", {"channels": 1, "num_classes": NUM_CLASSES,
-                                     "base_channels": cc.base_channels},
-                      rngs=nnx.Rngs(config.train.seed + 7))
-    graphdef, params = nnx.split(net)
-    params = nnx.to_pure_dict(params)
-    images, labels = data.load_digits("train")
-    batches = data.batches({"x": images, "label": labels}, cc.batch_size,
-                           seed=config.train.seed + 7)
-    optimizer, _ = training.make_optimizer(cc.lr, warmup_steps=min(100, cc.steps // 10),
-                                           schedule="cosine", decay_steps=cc.steps)
-    state = training.create_train_state(jax.random.key(config.train.seed + 7), params, optimizer)
-    step = training.make_train_step(_classifier_loss(graphdef), optimizer)
-    name, net_config = nets.config_of(net)
-    result = training.fit(state, step, batches, num_steps=cc.steps,
-                          workdir=os.path.join(workdir, "classifier"),
-                          metadata={"net": {"name": name, "config": net_config}},
-                          checkpoint_every=cc.steps, keep=1, log_every=max(1, cc.steps // 5),
-                          progress=progress)
-    params = result.state.params
+    graphdef, params = _fit_classifier(config.classifier, "classifier", workdir,
+                                       _classifier_loss, seed=config.train.seed + 7,
+                                       progress=progress)
 
     def logits_fn(x):
         return nnx.merge(graphdef, params)(x)
@@ -129,27 +136,11 @@ def train_noise_classifier(config: Config, workdir, process, *, progress=True):
         ``(logits_fn, accuracy)``: ``logits_fn(x_t, t) -> (B, 10)`` and the held-out accuracy
         at noise levels ``sigma/alpha`` in ``(0.05, 0.5, 2)`` (a dict).
     """
-    cc = config.noise_classifier
-    net = nets.create("noise_classifier", {"channels": 1, "num_classes": NUM_CLASSES,
-                                           "base_channels": cc.base_channels},
-                      rngs=nnx.Rngs(config.train.seed + 11))
-    graphdef, params = nnx.split(net)
-    params = nnx.to_pure_dict(params)
-    images, labels = data.load_digits("train")
-    batches = data.batches({"x": images, "label": labels}, cc.batch_size,
-                           seed=config.train.seed + 11)
-    optimizer, _ = training.make_optimizer(cc.lr, warmup_steps=min(100, cc.steps // 10),
-                                           schedule="cosine", decay_steps=cc.steps)
-    state = training.create_train_state(jax.random.key(config.train.seed + 11), params,
-                                        optimizer)
-    step = training.make_train_step(_noise_classifier_loss(graphdef, process), optimizer)
-    name, net_config = nets.config_of(net)
-    result = training.fit(state, step, batches, num_steps=cc.steps,
-                          workdir=os.path.join(workdir, "noise_classifier"),
-                          metadata={"net": {"name": name, "config": net_config}},
-                          checkpoint_every=cc.steps, keep=1, log_every=max(1, cc.steps // 5),
-                          progress=progress)
-    logits_fn = nets.make_classifier(graphdef, result.state.params, process)
+    graphdef, params = _fit_classifier(
+        config.noise_classifier, "noise_classifier", workdir,
+        lambda g: _noise_classifier_loss(g, process), seed=config.train.seed + 11,
+        progress=progress)
+    logits_fn = nets.make_classifier(graphdef, params, process)
 
     test_x, test_y = data.load_digits("test")
     accuracy = {}
