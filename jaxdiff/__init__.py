@@ -4,7 +4,8 @@ Modules: :mod:`~jaxdiff.processes` (forward processes), :mod:`~jaxdiff.predictio
 (prediction types, the Denoiser contract), :mod:`~jaxdiff.analytic` (exact distributions),
 :mod:`~jaxdiff.timesteps` (grids), :mod:`~jaxdiff.samplers` (lax.scan samplers) and
 :mod:`~jaxdiff.metrics` (distances between sample sets), :mod:`~jaxdiff.losses` (denoising
-losses) and :mod:`~jaxdiff.guidance` (guidance transforms). The layers above the core --
+losses), :mod:`~jaxdiff.guidance` (guidance transforms) and :mod:`~jaxdiff.likelihood`
+(probability-flow log-likelihood, ELBOs, bits/dim, the diffusion classifier). The layers above the core --
 :mod:`jaxdiff.nets` (Flax NNX networks), :mod:`jaxdiff.training` (train state, step, ``fit``,
 checkpoints) and :mod:`jaxdiff.data` (toy sets, digits, TFDS, batching) -- are imported
 explicitly, so the core needs none of Flax, optax or orbax.
@@ -13,6 +14,7 @@ explicitly, so the core needs none of Flax, optax or orbax.
 from . import analysis as analysis
 from . import analytic as analytic
 from . import guidance as guidance
+from . import likelihood as likelihood
 from . import losses as losses
 from . import metrics as metrics
 from . import predictions as predictions
@@ -54,6 +56,7 @@ __all__ = [
     "edm_precondition",
     "from_denoiser",
     "guidance",
+    "likelihood",
     "losses",
     "metrics",
     "predictions",

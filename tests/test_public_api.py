@@ -19,6 +19,7 @@ CORE_MODULES = [
     "jaxdiff.samplers",
     "jaxdiff.losses",
     "jaxdiff.guidance",
+    "jaxdiff.likelihood",
     "jaxdiff.parallel",
 ]
 
