@@ -13,13 +13,21 @@ traced values, so the grid, and a sampler run on it, are differentiable with res
 (validation is then skipped: it needs concrete values). Each schedule is defined
 on a process-independent axis (time, noise level or log-SNR) and mapped to times with the
 process's inverse, so the same grid means the same thing for every process.
+
+Learnable grids. :class:`LearnableGrid` parameterises a monotone grid between fixed ends by
+unconstrained logits (softplus increments of log-SNR or of ``t``), initialised from any grid;
+:func:`fit_grid` minimises a loss of the grid (e.g. a sampler's error against a fine-grid
+solution) with any optax-like optimizer -- the gradient-based counterpart of a schedule search.
 """
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._utils import is_concrete
+from ._utils import is_concrete, pytree_dataclass
 
 __all__ = [
     "uniform_t",
@@ -28,6 +36,8 @@ __all__ = [
     "quadratic",
     "ddpm",
     "check_grid",
+    "LearnableGrid",
+    "fit_grid",
 ]
 
 
@@ -204,3 +214,169 @@ def check_grid(process, ts, *, name="ts", allow_final_zero=True):
             + (" (a final exact 0 is allowed)" if allow_final_zero else "")
             + f"; got values in [{t.min()}, {t.max()}]."
         )
+
+
+# -- learnable grids ------------------------------------------------------------------------------
+
+_AXES = ("log_snr", "t")
+
+
+def _inverse_softplus(y):
+    """``log(expm1(y))`` for ``y > 0``, written as ``y + log(-expm1(-y))`` (no overflow)."""
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+@pytree_dataclass
+class LearnableGrid:
+    r"""A strictly monotone, learnable grid between fixed ends: softplus increments on an axis.
+
+    With parameters :math:`\theta \in \mathbb R^M` (``M`` = number of intervals between the
+    positive end points) and :math:`w_i = \mathrm{softplus}(\theta_i) / \sum_j
+    \mathrm{softplus}(\theta_j)`,
+
+    .. math:: a_k = a_{\rm start} + (a_{\rm end} - a_{\rm start})\sum_{i<k} w_i, \qquad
+        t_k = a^{-1}(a_k), \qquad k = 0..M,
+
+    on the axis :math:`a = \lambda` (log-SNR, ``axis="log_snr"``, the default: scale-free, every
+    process) or :math:`a = t` (``axis="t"``). The ends :math:`t_0, t_M` are fixed exactly; with
+    ``final_zero`` an exact 0 follows (the last step returns :math:`\hat x_0`). Any
+    :math:`\theta` gives a valid strictly decreasing grid (for moderate :math:`\theta`; a
+    softplus underflowing to 0 merges two points), so a plain gradient method can optimise it.
+    ``process``, ``t_start`` and ``t_end`` are pytree data (the grid may be passed through
+    ``jit``); ``num_steps``, ``final_zero`` and ``axis`` are static.
+
+    Create it with :meth:`init` from any existing grid; :meth:`to_grid` maps parameters to times.
+
+    Examples:
+        >>> process = jaxdiff.VPProcess()
+        >>> grid, params = LearnableGrid.init(process, uniform_log_snr(process, 8))
+        >>> ts = grid.to_grid(params)        # equals the initial grid (to round-off)
+        >>> x = jaxdiff.samplers.dpm_solver_pp(key, denoiser, process, x_T, ts)
+    """
+
+    process: Any
+    t_start: Any
+    t_end: Any
+    num_steps: int = dataclasses.field(metadata=dict(static=True))
+    final_zero: bool = dataclasses.field(metadata=dict(static=True))
+    axis: str = dataclasses.field(default="log_snr", metadata=dict(static=True))
+
+    @classmethod
+    def init(cls, process, ts, *, axis="log_snr"):
+        """The grid spanned by ``ts``'s ends and the parameters that reproduce ``ts``.
+
+        Args:
+            process: the forward process.
+            ts: a concrete, strictly decreasing grid ``(N + 1,)`` (optionally ending in an exact
+                0, which is then kept), e.g. from :func:`karras` or a previously learned grid.
+            axis: ``"log_snr"`` or ``"t"``: the axis of the softplus increments.
+
+        Returns:
+            ``(grid, params)``: a :class:`LearnableGrid` and logits of shape ``(M,)``, ``M = N``
+            (``N - 1`` with a final 0); ``grid.to_grid(params)`` reproduces ``ts``.
+        """
+        if axis not in _AXES:
+            raise ValueError(f"axis must be one of {_AXES}; got {axis!r}.")
+        ts = jnp.asarray(ts)
+        check_grid(process, ts)
+        final_zero = bool(is_concrete(ts) and float(ts[-1]) == 0.0)
+        positive = ts[:-1] if final_zero else ts
+        if positive.shape[0] < 2:
+            raise ValueError(
+                f"ts must have at least 2 positive points; got shape {tuple(ts.shape)}."
+            )
+        grid = cls(process=process, t_start=positive[0], t_end=positive[-1],
+                   num_steps=int(ts.shape[0]) - 1, final_zero=final_zero, axis=axis)
+        a = grid._to_axis(positive)
+        inc = jnp.diff(a) / (a[-1] - a[0])
+        return grid, _inverse_softplus(inc * inc.shape[0])
+
+    @property
+    def num_params(self) -> int:
+        """Number of logits ``M`` (intervals between the positive end points)."""
+        return self.num_steps - 1 if self.final_zero else self.num_steps
+
+    def _to_axis(self, t):
+        return self.process.log_snr(t) if self.axis == "log_snr" else t
+
+    def _from_axis(self, a):
+        return self.process.t_from_log_snr(a) if self.axis == "log_snr" else a
+
+    def to_grid(self, params):
+        r"""The decreasing grid ``(num_steps + 1,)`` for logits ``params`` of shape ``(M,)``.
+
+        Differentiable in ``params`` (and in the process's parameters and the ends).
+        """
+        params = jnp.asarray(params)
+        if params.shape != (self.num_params,):
+            raise ValueError(
+                f"params must have shape (M,) = ({self.num_params},); got {params.shape}."
+            )
+        dtype = jnp.result_type(params, self.t_start, self.t_end, float)
+        t0, t1 = jnp.asarray(self.t_start, dtype), jnp.asarray(self.t_end, dtype)
+        a0, a1 = self._to_axis(t0), self._to_axis(t1)
+        w = jax.nn.softplus(params.astype(dtype))
+        frac = jnp.cumsum(w)[:-1] / jnp.sum(w)
+        inner = self._from_axis(a0 + (a1 - a0) * frac).astype(dtype)
+        parts = [t0[None], inner, t1[None]]
+        if self.final_zero:
+            parts.append(jnp.zeros((1,), dtype))
+        return jnp.concatenate(parts)
+
+
+def fit_grid(grid, params, loss, optimizer, *, num_iters, key=None):
+    r"""Minimise ``loss(grid.to_grid(params), key)`` over ``params`` with an optax-like optimizer.
+
+    .. math:: \theta_{k+1} = \theta_k + \mathrm{update}\big(\nabla_\theta
+        L(\mathrm{grid}(\theta_k), \kappa_k)\big), \qquad \kappa_k = \mathrm{fold\_in}(key, k).
+
+    The whole loop is one ``lax.scan`` (jit-able). ``optimizer`` is any object with optax's
+    ``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)`` (e.g.
+    ``optax.adam(1e-2)``); updates are added to the parameters. Typical losses: the mean squared
+    distance between a sampler's output on the grid and a fine-grid (or exact) solution from
+    the same starting points, or a distance between samples and exact samples.
+
+    Args:
+        grid: a :class:`LearnableGrid`.
+        params: initial logits ``(M,)`` (from :meth:`LearnableGrid.init`).
+        loss: ``loss(ts, key) -> scalar`` (``key`` is None when ``key`` is None): e.g. a
+            minibatch error of the sampler on the grid ``ts``.
+        optimizer: optax-like gradient transformation (duck-typed).
+        num_iters: number of iterations (static int >= 1).
+        key: optional typed key; iteration ``k`` passes ``fold_in(key, k)`` to ``loss``.
+
+    Returns:
+        ``(params, losses)``: the final logits and the loss at each iteration ``(num_iters,)``
+        (evaluated before that iteration's update).
+
+    Examples:
+        >>> grid, params = LearnableGrid.init(process, karras(process, 6, final_zero=True))
+        >>> def loss(ts, key):
+        ...     x = dpm_solver_pp(None, denoiser, process, x_T, ts)
+        ...     return jnp.mean(jnp.sum((x - x_ref) ** 2, axis=-1))   # x_ref: fine-grid solution
+        >>> params, losses = fit_grid(grid, params, loss, optax.adam(3e-2), num_iters=200)
+        >>> ts = grid.to_grid(params)
+    """
+    if not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
+        raise ValueError(f"num_iters must be a positive int; got {num_iters!r}.")
+    for name in ("init", "update"):
+        if not callable(getattr(optimizer, name, None)):
+            raise TypeError(
+                f"optimizer must have optax's init(params) and update(grads, state, params); "
+                f"got {type(optimizer).__name__} without {name!r}."
+            )
+
+    def objective(p, k):
+        return loss(grid.to_grid(p), k)
+
+    def body(carry, i):
+        p, state = carry
+        k = None if key is None else jax.random.fold_in(key, i)
+        value, grads = jax.value_and_grad(objective)(p, k)
+        updates, state = optimizer.update(grads, state, p)
+        p = jax.tree.map(lambda a, u: a + u.astype(a.dtype), p, updates)
+        return (p, state), value
+
+    (params, _), losses = jax.lax.scan(
+        body, (params, optimizer.init(params)), jnp.arange(num_iters))
+    return params, losses

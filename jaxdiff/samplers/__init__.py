@@ -1,12 +1,19 @@
-"""Samplers: pure ``lax.scan`` integrators over a decreasing time grid.
+r"""Samplers: pure ``lax.scan`` integrators over a decreasing time grid.
 
 Every sampler has the signature ``(key, denoiser, process, x_init, ts, *, cond=None, ...) -> x``
 and returns the state at ``ts[-1]``. Shared conventions (per-example noise streams, explicit
 noise, a final exact 0 in the grid) are described in :mod:`jaxdiff.samplers._core`.
 :func:`teleport` replaces a sampler's first steps by the closed-form probability-flow jump of a
 Gaussian fitted to the data (analytical teleportation), :func:`teleport_nfe` counts the calls.
+
+Every sampler takes ``remat=None | "full" | "nested" | L``: rematerialisation of its scan for
+reverse-mode gradients (``"nested"``: checkpointed segments of about :math:`\sqrt N` steps, so
+the memory of ``jax.grad`` through ``N`` steps grows like :math:`\sqrt N`); values and gradients
+do not depend on it. :func:`integrate` is the shared scan, for writing new samplers.
 """
 
+from ._core import StepInput as StepInput
+from ._core import integrate as integrate
 from ._dpm_solver import dpm_solver_pp as dpm_solver_pp
 from ._dpm_solver import dpm_solver_pp_sde as dpm_solver_pp_sde
 from ._dpm_solver import dpm_solver_pp_singlestep as dpm_solver_pp_singlestep
@@ -36,6 +43,7 @@ __all__ = [
     "GRIDS",
     "METHODS",
     "NFE",
+    "StepInput",
     "TeleportStart",
     "clip_x0",
     "ddim",
@@ -48,6 +56,7 @@ __all__ = [
     "euler_ancestral",
     "euler_maruyama",
     "get_method",
+    "integrate",
     "odeint",
     "pf_euler",
     "predictor_corrector",

@@ -32,6 +32,7 @@ def edm_heun(
     s_noise=1.0,
     noise=None,
     example_index=None,
+    remat=None,
 ):
     r"""EDM Heun sampler: deterministic (Algorithm 1) or stochastic with churn (Algorithm 2).
 
@@ -53,7 +54,7 @@ def edm_heun(
         s_churn, s_tmin, s_tmax, s_noise: Algorithm 2's parameters (``s_churn = 0``:
             deterministic, no noise drawn).
         noise: optional explicit noise, shape ``(N, 1, *x_init.shape)``.
-        Other arguments as in :func:`jaxdiff.samplers.euler_maruyama`.
+        Other arguments (``remat`` included) as in :func:`jaxdiff.samplers.euler_maruyama`.
 
     Examples:
         >>> ts = jaxdiff.timesteps.karras(process, 18, final_zero=True)
@@ -104,6 +105,6 @@ def edm_heun(
 
     x, _ = integrate(
         step, x_init, ts, key=key, noise=noise, num_draws=num_draws,
-        state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index,
+        state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index, remat=remat,
     )
     return x

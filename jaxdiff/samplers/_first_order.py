@@ -24,17 +24,15 @@ from ._core import (
 __all__ = ["pf_euler", "euler_maruyama", "predictor_corrector", "ddim", "ddpm", "euler_ancestral"]
 
 
-
-
-def _run(step, x_init, ts, key, noise, num_draws, example_index):
+def _run(step, x_init, ts, key, noise, num_draws, example_index, remat):
     x, _ = integrate(
         step, x_init, ts, key=key, noise=noise, num_draws=num_draws,
-        state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index,
+        state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index, remat=remat,
     )
     return x
 
 
-def pf_euler(key, denoiser, process, x_init, ts, *, cond=None):
+def pf_euler(key, denoiser, process, x_init, ts, *, cond=None, remat=None):
     r"""Euler's method on the probability-flow ODE in time :math:`t`.
 
     .. math:: x_s = x_t + (s - t)\Big[\frac{\dot\sigma_t}{\sigma_t} x_t
@@ -50,6 +48,8 @@ def pf_euler(key, denoiser, process, x_init, ts, *, cond=None):
         x_init: state at ``ts[0]``, shape ``(B, ...)``.
         ts: strictly decreasing grid ``(N + 1,)`` in ``[t_min, t_max]`` (optionally ending in 0).
         cond: conditioning passed to the denoiser.
+        remat: rematerialisation of the scan for gradients (None, ``"full"``, ``"nested"`` or
+            a segment length; values are identical), see :func:`jaxdiff.samplers.integrate`.
 
     Returns:
         The state at ``ts[-1]``, shape and dtype of ``x_init``.
@@ -69,11 +69,12 @@ def pf_euler(key, denoiser, process, x_init, ts, *, cond=None):
         x_next = x + (s_ - t) * process.pf_velocity(x, t, x0)
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
-    return _run(step, x_init, ts, None, None, 0, None)
+    return _run(step, x_init, ts, None, None, 0, None, remat)
 
 
 def euler_maruyama(
-    key, denoiser, process, x_init, ts, *, cond=None, eta=1.0, noise=None, example_index=None
+    key, denoiser, process, x_init, ts, *, cond=None, eta=1.0, noise=None, example_index=None,
+    remat=None,
 ):
     r"""Euler–Maruyama on the reverse-time SDE family (``eta = 1``: the reverse SDE).
 
@@ -102,7 +103,7 @@ def euler_maruyama(
         x_next = x + (s_ - t) * drift + bcast(diffusion, x) * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, 1, example_index)
+    return _run(step, x_init, ts, key, noise, 1, example_index, remat)
 
 
 def _per_example_norm(v):
@@ -122,6 +123,7 @@ def predictor_corrector(
     norm="batch",
     noise=None,
     example_index=None,
+    remat=None,
 ):
     r"""Predictor–corrector sampling (Song et al. 2021): Langevin corrector, then Euler–Maruyama.
 
@@ -177,7 +179,7 @@ def predictor_corrector(
         x_next = x + (s_ - t) * drift + diffusion * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, num_draws, example_index)
+    return _run(step, x_init, ts, key, noise, num_draws, example_index, remat)
 
 
 def _ddim_step(process, x, x0, t, s, eta, z):
@@ -199,7 +201,8 @@ def _ddim_step(process, x, x0, t, s, eta, z):
 
 
 def ddim(
-    key, denoiser, process, x_init, ts, *, cond=None, eta=0.0, noise=None, example_index=None
+    key, denoiser, process, x_init, ts, *, cond=None, eta=0.0, noise=None, example_index=None,
+    remat=None,
 ):
     r"""DDIM(:math:`\eta`) (Song, Meng & Ermon 2021) for any process.
 
@@ -232,11 +235,12 @@ def ddim(
         z = None if num_draws == 0 else inp.noise[0]
         return _ddim_step(process, x, x0, t, s, eta, z).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, num_draws, example_index)
+    return _run(step, x_init, ts, key, noise, num_draws, example_index, remat)
 
 
 def euler_ancestral(
-    key, denoiser, process, x_init, ts, *, cond=None, eta=1.0, noise=None, example_index=None
+    key, denoiser, process, x_init, ts, *, cond=None, eta=1.0, noise=None, example_index=None,
+    remat=None,
 ):
     r"""Euler-ancestral sampling (k-diffusion's ``sample_euler_ancestral``) for any process.
 
@@ -275,7 +279,7 @@ def euler_ancestral(
         x_next = bcast(alpha_s, x) * xt_next
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, 1, example_index)
+    return _run(step, x_init, ts, key, noise, 1, example_index, remat)
 
 
 def ddpm(
@@ -289,6 +293,7 @@ def ddpm(
     variance="fixed_small",
     noise=None,
     example_index=None,
+    remat=None,
 ):
     r"""DDPM ancestral sampling (Ho et al. 2020) on any grid (skipped steps allowed).
 
@@ -327,4 +332,4 @@ def ddpm(
         x_next = mean + bcast(sigma_t * safe_sqrt(e2), x) * inp.noise[0]
         return jnp.where(s > 0, x_next, x0).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, 1, example_index)
+    return _run(step, x_init, ts, key, noise, 1, example_index, remat)

@@ -20,7 +20,7 @@ def _axpy(a, x, y):
     return jax.tree.map(lambda xi, yi: yi + (a * xi).astype(yi.dtype), x, y)
 
 
-def odeint(vector_field, y0, ts, *, args=None, method="heun"):
+def odeint(vector_field, y0, ts, *, args=None, method="heun", remat=None):
     r"""Integrate :math:`dy/dt = F(t, y, \text{args})` over ``ts`` with a fixed-step method.
 
     .. math::
@@ -36,6 +36,8 @@ def odeint(vector_field, y0, ts, *, args=None, method="heun"):
         ts: strictly monotone grid, shape ``(N + 1,)``.
         args: passed to ``vector_field`` unchanged.
         method: ``"euler"``, ``"heun"``, ``"midpoint"`` or ``"rk4"``.
+        remat: rematerialisation for gradients: None, ``"full"``, ``"nested"`` or a segment
+            length (as the samplers; values are identical).
 
     Returns:
         The state at ``ts[-1]`` (same structure as ``y0``).
@@ -67,5 +69,5 @@ def odeint(vector_field, y0, ts, *, args=None, method="heun"):
         total = jax.tree.map(lambda a, b, c, d: a + 2.0 * b + 2.0 * c + d, k1, k2, k3, k4)
         return _axpy(dt / 6.0, total, y)
 
-    y, _ = integrate(step, y0, ts)
+    y, _ = integrate(step, y0, ts, remat=remat)
     return y

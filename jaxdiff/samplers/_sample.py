@@ -75,7 +75,8 @@ def sample(
         cond: conditioning passed to the denoiser.
         dtype: dtype of the state.
         example_index: global example indices ``(B,)`` (for chunked or sharded sampling).
-        **method_kwargs: options of the chosen sampler (e.g. ``eta``, ``order``).
+        **method_kwargs: options of the chosen sampler (e.g. ``eta``, ``order``, or
+            ``remat="nested"`` for memory-light gradients through the loop).
 
     Returns:
         Samples of shape ``shape``.

@@ -216,7 +216,7 @@ def teleport(
             ``unipc``) the Gaussian's denoiser outputs at the two skipped grid times before
             the target (no network call) instead of a lower-order warm-up.
         cond: conditioning passed to the denoiser.
-        **method_kwargs: options of the sampler (``order``, ``s_churn``, ...).
+        **method_kwargs: options of the sampler (``order``, ``s_churn``, ``remat``, ...).
 
     Returns:
         Samples at ``ts[-1]``, shape and dtype of ``x_init``. With ``skip = N`` no sampler step

@@ -195,6 +195,7 @@ def unipc(
     lower_order_final=True,
     history=None,
     simplified_rho=True,
+    remat=None,
 ):
     r"""UniPC (Zhao et al. 2023): multistep predictor UniP-p with corrector UniC-p, 1 call/step.
 
@@ -262,6 +263,8 @@ def unipc(
             (``ts[0] < t_hist[0] < t_hist[1] < ...``). Entries beyond ``order - 1`` are unused.
         simplified_rho: use the reference's :math:`\rho = 1/2` for UniP-2 and UniC-1 (default,
             reference-compatible); ``False`` solves those systems too (polynomial-exact).
+        remat: rematerialisation of the scan for gradients (None, ``"full"``, ``"nested"`` or a
+            segment length; values are identical), as in :func:`jaxdiff.samplers.dpm_solver_pp`.
 
     Returns:
         The state at ``ts[-1]``, shape and dtype of ``x_init``.
@@ -349,5 +352,5 @@ def unipc(
         return (x_next, y, c_t, m_buf, lam_buf)
 
     carry = (x_init, jnp.zeros(x_init.shape, dtype), jnp.zeros((), dtype), m_buf, lam_buf)
-    (x, *_), _ = integrate(step, carry, ts)
+    (x, *_), _ = integrate(step, carry, ts, remat=remat)
     return x
