@@ -4,8 +4,10 @@ Modules: :mod:`~jaxdiff.processes` (forward processes), :mod:`~jaxdiff.predictio
 (prediction types, the Denoiser contract), :mod:`~jaxdiff.analytic` (exact distributions),
 :mod:`~jaxdiff.timesteps` (grids), :mod:`~jaxdiff.samplers` (lax.scan samplers) and
 :mod:`~jaxdiff.metrics` (distances between sample sets), :mod:`~jaxdiff.losses` (denoising
-losses), :mod:`~jaxdiff.guidance` (guidance transforms) and :mod:`~jaxdiff.likelihood`
-(probability-flow log-likelihood, ELBOs, bits/dim, the diffusion classifier). The layers above the core --
+losses), :mod:`~jaxdiff.guidance` (guidance transforms), :mod:`~jaxdiff.likelihood`
+(probability-flow log-likelihood, ELBOs, bits/dim, the diffusion classifier) and
+:mod:`~jaxdiff.fokker_planck` (Fokker--Planck residuals, the FP regulariser, the ODE--SDE gap).
+The layers above the core --
 :mod:`jaxdiff.nets` (Flax NNX networks), :mod:`jaxdiff.training` (train state, step, ``fit``,
 checkpoints) and :mod:`jaxdiff.data` (toy sets, digits, TFDS, batching) -- are imported
 explicitly, so the core needs none of Flax, optax or orbax.
@@ -13,6 +15,7 @@ explicitly, so the core needs none of Flax, optax or orbax.
 
 from . import analysis as analysis
 from . import analytic as analytic
+from . import fokker_planck as fokker_planck
 from . import guidance as guidance
 from . import likelihood as likelihood
 from . import losses as losses
@@ -54,6 +57,7 @@ __all__ = [
     "analytic",
     "convert",
     "edm_precondition",
+    "fokker_planck",
     "from_denoiser",
     "guidance",
     "likelihood",

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._trace import basis, quadratic_forms
 from ._utils import as_float_array, broadcast_to_batch, check_times, is_concrete
 from .samplers._core import call_denoiser, example_keys
 from .samplers._ode import odeint
@@ -71,7 +72,6 @@ __all__ = [
     "dequantize",
     "diffusion_classifier",
     "discrete_elbo",
-    "divergence",
     "elbo",
     "log_likelihood",
 ]
@@ -151,7 +151,7 @@ def _probe_draws(keys, num_probes, shape, dtype, kind):
     return jnp.moveaxis(jax.vmap(one)(keys), 0, 1)
 
 
-def divergence(fn, x, *, probes=None):
+def _divergence(fn, x, *, probes=None):
     r"""Value and divergence of a per-example vector field, exactly or by Hutchinson probes.
 
     .. math::
@@ -174,24 +174,16 @@ def divergence(fn, x, *, probes=None):
         probe; average over the first axis).
 
     Examples:
-        >>> value, div = divergence(lambda y: -2.0 * y, jnp.ones((4, 3)))   # div = -6
+        >>> value, div = _divergence(lambda y: -2.0 * y, jnp.ones((4, 3)))   # div = -6
     """
-    value, jvp_fn = jax.linearize(fn, x)
-    if value.shape != x.shape:
-        raise ValueError(f"fn must return the shape of x {x.shape}; got {value.shape}.")
     if probes is None:
-        d = _flat_dim(x)
-        basis = jnp.eye(d, dtype=x.dtype).reshape(d, 1, *x.shape[1:])
-        basis = jnp.broadcast_to(basis, (d, *x.shape))
-        cols = jax.vmap(jvp_fn)(basis)  # (D, B, ...): column i of every example's Jacobian
-        diag = jnp.einsum("ibi->bi", cols.reshape(d, x.shape[0], d))
-        return value, jnp.sum(diag, axis=-1)
+        value, diag = quadratic_forms(fn, x, basis(x))
+        return value, jnp.sum(diag, axis=0)
     if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape:
         raise ValueError(
             f"probes must have shape (P, *x.shape) = (P, {x.shape}); got {probes.shape}."
         )
-    jz = jax.vmap(jvp_fn)(probes.astype(x.dtype))
-    return value, jnp.sum((probes * jz).reshape(probes.shape[0], x.shape[0], -1), axis=-1)
+    return quadratic_forms(fn, x, probes.astype(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,7 +333,7 @@ def log_likelihood(
             x0_hat = call_denoiser(denoiser, u, t, c)
             return process.pf_velocity(u, t, x0_hat).astype(u.dtype)
 
-        v, div = divergence(velocity, y, probes=z)
+        v, div = _divergence(velocity, y, probes=z)
         return v, div.astype(div_dtype)
 
     def init(y, z):

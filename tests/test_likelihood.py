@@ -122,13 +122,13 @@ def test_divergence_exact_and_probe_forms():
     a = jnp.array([[1.0, 2.0, 0.0], [0.5, -3.0, 1.0], [0.0, 0.0, 4.0]])
     fn = lambda y: jnp.tanh(y) @ a.T
     x = jax.random.normal(jax.random.key(7), (5, 3))
-    _, div = L.divergence(fn, x)
+    _, div = L._divergence(fn, x)
     ref = jax.vmap(lambda xi: jnp.trace(jax.jacfwd(lambda v: jnp.tanh(v) @ a.T)(xi)))(x)
     np.testing.assert_allclose(div, ref, rtol=1e-12)
     # With all 2^3 sign patterns as Rademacher probes the average is exact.
     signs = jnp.array(np.array(np.meshgrid(*[[-1.0, 1.0]] * 3)).reshape(3, -1).T)
     probes = jnp.broadcast_to(signs[:, None, :], (8, 5, 3))
-    _, est = L.divergence(fn, x, probes=probes)
+    _, est = L._divergence(fn, x, probes=probes)
     np.testing.assert_allclose(est.mean(0), ref, rtol=1e-12)
 
 

@@ -20,6 +20,7 @@ CORE_MODULES = [
     "jaxdiff.losses",
     "jaxdiff.guidance",
     "jaxdiff.likelihood",
+    "jaxdiff.fokker_planck",
     "jaxdiff.parallel",
 ]
 

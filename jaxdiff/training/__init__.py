@@ -41,7 +41,9 @@ from .state import update_averages as update_averages
 from .step import DiffusionSetup as DiffusionSetup
 from .step import cast_floating as cast_floating
 from .step import diffusion_loss_fn as diffusion_loss_fn
+from .step import fokker_planck_loss_fn as fokker_planck_loss_fn
 from .step import make_optimizer as make_optimizer
+from .step import make_potential_fn as make_potential_fn
 from .step import make_train_step as make_train_step
 from .step import setup_diffusion as setup_diffusion
 
@@ -59,9 +61,11 @@ __all__ = [
     "describe",
     "diffusion_loss_fn",
     "fit",
+    "fokker_planck_loss_fn",
     "load_denoiser",
     "load_model",
     "make_optimizer",
+    "make_potential_fn",
     "make_train_step",
     "power_ema_gamma",
     "process_from_config",

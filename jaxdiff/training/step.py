@@ -26,6 +26,8 @@ __all__ = [
     "setup_diffusion",
     "DiffusionSetup",
     "cast_floating",
+    "make_potential_fn",
+    "fokker_planck_loss_fn",
 ]
 
 Batch = dict[str, Any]
@@ -368,3 +370,73 @@ def setup_diffusion(
                                  compute_dtype=compute_dtype, microbatches=microbatches,
                                  loss_bins=loss_bins, donate=donate)
     return DiffusionSetup(graphdef, state, train_step, apply, null_cond)
+
+
+def make_potential_fn(graphdef, process) -> Callable:
+    r"""A potential network's scalar output as ``fn(params, x, t, cond=None) -> phi (B,)``.
+
+    For :class:`jaxdiff.nets.PotentialMLP` (or any module with ``.potential(x, c_noise, cond)``)
+    trained as a log-density (kind ``"score"``): :math:`\phi(x, t) \approx \log p_t(x)` with the
+    network's noise input :math:`c_{\rm noise} = -\lambda(t)/8`, so :math:`\partial_t\phi` flows
+    through :math:`\lambda(t)`. The matching denoiser is
+    ``nets.make_denoiser(graphdef, params, process, "score")``.
+
+    Examples:
+        >>> graphdef, params = nnx.split(nets.PotentialMLP(dim=2, rngs=nnx.Rngs(0)))
+        >>> phi = make_potential_fn(graphdef, jaxdiff.OUProcess())(params, x, t)   # (B,)
+    """
+    from flax import nnx
+
+    from ..nets import noise_conditioning
+
+    if not isinstance(graphdef, nnx.GraphDef):
+        raise TypeError(
+            "make_potential_fn: graphdef must be an nnx.GraphDef (graphdef, params = "
+            f"nnx.split(net)); got {type(graphdef).__name__}."
+        )
+
+    def fn(params, x, t, cond=None):
+        net = nnx.merge(graphdef, params)
+        if not hasattr(net, "potential"):
+            raise TypeError(
+                f"make_potential_fn: the network ({type(net).__name__}) has no .potential method."
+            )
+        return net.potential(x, noise_conditioning(process, t, x), cond)
+
+    return fn
+
+
+def fokker_planck_loss_fn(
+    potential: Callable, process, *, cond_key: str | None = None, **fp_kwargs
+) -> LossFn:
+    r"""The FP-regularised loss of a potential network as a ``loss_fn`` for :func:`make_train_step`.
+
+    :math:`\mathcal L = D\cdot\mathcal L_{\rm den}(\nabla\phi) + w_R\,\mathrm{mean}\,R_\phi^2`,
+    see :func:`jaxdiff.fokker_planck.fp_regularized_loss`.
+
+    Args:
+        potential: ``potential(params, x, t, cond=None) -> (B,)`` (e.g. :func:`make_potential_fn`).
+        process: the forward process.
+        cond_key: the batch entry passed as ``cond`` (None: unconditional).
+        **fp_kwargs: forwarded to :func:`~jaxdiff.fokker_planck.fp_regularized_loss`
+            (``residual_weight``, ``num_collocation``, ``box``, ``time_sampling``, ...).
+
+    Returns:
+        ``loss_fn(params, batch, key, example_index) -> (loss, aux)``; the batch's ``"x"`` is the
+        clean data ``(B, D)``.
+
+    Examples:
+        >>> loss_fn = fokker_planck_loss_fn(make_potential_fn(graphdef, process), process,
+        ...                                 residual_weight=1.0, num_collocation=512)
+        >>> step = make_train_step(loss_fn, optimizer)
+    """
+    from .. import fokker_planck
+
+    def loss_fn(params, batch, key, example_index):
+        cond = None if cond_key is None else batch.get(cond_key)
+        log_density = functools.partial(potential, params)
+        return fokker_planck.fp_regularized_loss(
+            key, log_density, process, batch["x"], cond, example_index=example_index, **fp_kwargs
+        )
+
+    return loss_fn
