@@ -105,23 +105,24 @@ def paired_bootstrap(rng, metric, samples, reference=None, *, num_boot=200, base
         ``{name: {"value", "sd", "diff", "diff_ci": [lo, hi]}}``.
     """
     names = list(samples)
-    n = next(iter(samples.values())).shape[0]
     call = (lambda x, ref: metric(x)) if reference is None else metric
-    values = {name: float(call(samples[name], reference)) for name in names}
-    boots = {name: [] for name in names}
-    for _ in range(num_boot):
-        i = rng.integers(0, n, n)
-        ref = None if reference is None else reference[rng.integers(0, reference.shape[0],
-                                                                    reference.shape[0])]
-        for name in names:
-            boots[name].append(float(call(samples[name][i], ref)))
+
+    def statistic(*arrays):
+        sets, ref = (arrays, None) if reference is None else (arrays[:-1], arrays[-1])
+        return np.array([float(call(x, ref)) for x in sets])
+
+    groups = [tuple(samples[name] for name in names)]
+    if reference is not None:
+        groups.append((reference,))
+    boot = metrics.bootstrap(rng, statistic, groups, num_boot=num_boot)
     out = {}
-    for name in names:
-        b = np.asarray(boots[name])
-        rec = {"value": values[name], "sd": float(np.std(b, ddof=1))}
+    for k, name in enumerate(names):
+        rec = {"value": float(boot["value"][k]), "sd": float(boot["se"][k])}
         if baseline is not None:
-            d = values[name] - values[baseline]
-            lo, hi = np.percentile(b - np.asarray(boots[baseline]), [2.5, 97.5])
+            j = names.index(baseline)
+            d = rec["value"] - float(boot["value"][j])
+            diffs = boot["replicates"][:, k] - boot["replicates"][:, j]
+            lo, hi = np.percentile(diffs, [2.5, 97.5])
             rec["diff"], rec["diff_ci"] = d, [2 * d - hi, 2 * d - lo]
         out[name] = rec
     return out
