@@ -45,7 +45,9 @@ conditional denoiser explains ``x`` best, with shared noise and times across cla
 successive elimination.
 
 Randomness is per example (``fold_in(key, example_index[i])``), so results do not depend on the
-batch size; adaptive solves run one step-size sequence per example for the same reason.
+batch size; adaptive solves run one step-size sequence per example for the same reason. The
+functions are pure and not jitted internally: wrap a call in :func:`jax.jit` (with the
+denoiser's parameters as arguments, e.g. a :class:`jax.tree_util.Partial`) to compile it once.
 """
 
 import math
