@@ -5,10 +5,11 @@ Accuracy (float64, EDM process, exact denoisers):
     methods, integrated to t_min);
   * sliced Wasserstein and Gaussian W2 between samples and exact data samples for a 2-D ring
     mixture and a 64-D mixture (grids ending in an exact 0).
-Speed (float32, 64-D Gaussian denoiser, N = 100 steps, median of 15 runs):
+Speed (float32, 64-D Gaussian denoiser, N = 100 steps; the functions compared are timed in
+alternation, 21 rounds, and ratios are medians of within-round ratios):
   * DDIM vs the same lax.scan calling only the denoiser (B = 16 and 4096);
   * DDIM vs a Python loop of jitted steps, and PF-Euler vs diffrax's Euler on the same grid;
-  * compile time (lower + compile, one measurement each) for 10 and 1000 steps.
+  * compile time (lower + compile, 7 alternating rounds) for 10 and 1000 steps.
 
 Run:  python3 experiments/sampler_bench.py [--quick] [--out outputs/sampler_bench]
 Writes OUT.json and OUT.png and prints the tables.
@@ -143,14 +144,50 @@ def accuracy(args, key):
     return rows
 
 
-def median_time(fn, *args, repeats=15):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
+def interleaved_times(runs, repeats=21):
+    """Median wall time of each ``name -> (fn, args)`` in ``runs``, timed in alternation.
+
+    Every round times each function once, in a rotated order, so that drift of a shared machine
+    (other jobs, frequency scaling) hits all of them alike; per-round times are returned too, so
+    that ratios can be taken within a round.
+    """
+    for fn, args in runs.values():
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    names = list(runs)
+    rounds = []
+    for r in range(repeats):
+        times = {}
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, args = runs[name]
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name] = time.perf_counter() - start
+        rounds.append(times)
+    medians = {n: statistics.median(t[n] for t in rounds) for n in names}
+    return medians, rounds
+
+
+def median_ratio(rounds, num, den):
+    """Median over rounds of ``time[num] / time[den]`` (each ratio from one round)."""
+    return statistics.median(t[num] / t[den] for t in rounds)
+
+
+def compile_times(make_fn, arg_sets, repeats=7):
+    """Lower + compile time of ``jax.jit(make_fn())`` for each ``name -> args``, in alternation.
+
+    ``make_fn`` must return a new function object on every call: JAX caches traces and
+    executables per function object, so re-jitting the same one would time a cache hit.
+    Returns the median time per name and the per-round times (for within-round ratios).
+    """
+    rounds = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times = {}
+        for name, args in arg_sets.items():
+            start = time.perf_counter()
+            jax.jit(make_fn()).lower(*args).compile()
+            times[name] = time.perf_counter() - start
+        rounds.append(times)
+    return {n: statistics.median(t[n] for t in rounds) for n in arg_sets}, rounds
 
 
 def speed(args, key):
@@ -168,18 +205,14 @@ def speed(args, key):
         return samplers.ddim(None, den, process, x, ts)
 
     @jax.jit
+    def pf_euler_run(x, ts):
+        return samplers.pf_euler(None, den, process, x, ts)
+
+    @jax.jit
     def denoiser_only(x, ts):
         def body(x, t):
             return den(x, jnp.full((x.shape[0],), t, x.dtype)), None
         return jax.lax.scan(body, x, ts[:-1])[0]
-
-    for batch in (16, 4096):
-        x = jax.random.normal(key, (batch, 64), jnp.float32) * 80.0
-        t_s = median_time(ddim_run, x, ts)
-        t_d = median_time(denoiser_only, x, ts)
-        results[f"ddim_B{batch}_s"] = t_s
-        results[f"denoiser_scan_B{batch}_s"] = t_d
-        results[f"ratio_sampler_over_denoiser_scan_B{batch}"] = t_s / t_d
 
     # Python loop of jitted single steps (the same DDIM update, one dispatch per step).
     @jax.jit
@@ -191,53 +224,102 @@ def speed(args, key):
             x = one_step(x, ts[i], ts[i + 1])
         return x
 
-    x16 = jax.random.normal(key, (16, 64), jnp.float32) * 80.0
-    t_loop = median_time(python_loop, x16, ts)
-    results["python_loop_B16_s"] = t_loop
-    results["speedup_vs_python_loop_B16"] = t_loop / results["ddim_B16_s"]
-
     try:
         import diffrax
     except ImportError:
         diffrax = None
-    if diffrax is not None:
-        @jax.jit
-        def pf_euler_run(x, ts):
-            return samplers.pf_euler(None, den, process, x, ts)
 
-        @jax.jit
-        def diffrax_run(x, ts):
-            def vf(t, y, args):
-                return process.pf_velocity(y, t, den(y, jnp.full((y.shape[0],), t, y.dtype)))
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(vf), diffrax.Euler(), t0=ts[0], t1=ts[-1], dt0=None, y0=x,
-                stepsize_controller=diffrax.StepTo(ts), saveat=diffrax.SaveAt(t1=True),
-                max_steps=ts.shape[0] - 1,
-            )
-            return sol.ys[0]
+    def diffrax_run(x, ts):
+        def vf(t, y, args):
+            return process.pf_velocity(y, t, den(y, jnp.full((y.shape[0],), t, y.dtype)))
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), diffrax.Euler(), t0=ts[0], t1=ts[-1], dt0=None, y0=x,
+            stepsize_controller=diffrax.StepTo(ts), saveat=diffrax.SaveAt(t1=True),
+            max_steps=ts.shape[0] - 1,
+        )
+        return sol.ys[0]
 
-        t_pf = median_time(pf_euler_run, x16, ts)
-        t_dx = median_time(diffrax_run, x16, ts)
-        err = float(jnp.max(jnp.abs(pf_euler_run(x16, ts) - diffrax_run(x16, ts))))
-        # diffrax's own per-step overhead, relative to the bare denoiser-only scan, bounds any
-        # speedup a sampler can have over it.
-        results.update(pf_euler_B16_s=t_pf, diffrax_euler_B16_s=t_dx,
-                       speedup_vs_diffrax_B16=t_dx / t_pf,
-                       diffrax_over_denoiser_scan_B16=t_dx / results["denoiser_scan_B16_s"],
-                       pf_euler_vs_diffrax_max_diff=err)
+    for batch in (16, 4096):
+        x = jax.random.normal(key, (batch, 64), jnp.float32) * 80.0
+        runs = {"ddim": (ddim_run, (x, ts)), "denoiser_scan": (denoiser_only, (x, ts))}
+        if batch == 16:
+            runs["pf_euler"] = (pf_euler_run, (x, ts))
+            runs["python_loop"] = (python_loop, (x, ts))
+            if diffrax is not None:
+                runs["diffrax_euler"] = (jax.jit(diffrax_run), (x, ts))
+        medians, rounds = interleaved_times(runs)
+        for name, t in medians.items():
+            results[f"{name}_B{batch}_s"] = t
+        results[f"ratio_sampler_over_denoiser_scan_B{batch}"] = median_ratio(
+            rounds, "ddim", "denoiser_scan")
+        if batch == 16:
+            results["speedup_vs_python_loop_B16"] = median_ratio(rounds, "python_loop", "ddim")
+            if diffrax is not None:
+                fn = runs["diffrax_euler"][0]
+                results.update(
+                    speedup_vs_diffrax_B16=median_ratio(rounds, "diffrax_euler", "pf_euler"),
+                    # diffrax's own per-step overhead, relative to the bare denoiser-only scan,
+                    # bounds any speedup a sampler can have over it.
+                    diffrax_over_denoiser_scan_B16=median_ratio(rounds, "diffrax_euler",
+                                                                "denoiser_scan"),
+                    pf_euler_vs_diffrax_max_diff=float(jnp.max(jnp.abs(
+                        pf_euler_run(x, ts) - fn(x, ts)))),
+                )
 
-    for steps in (10, 1000):
-        grid = timesteps.karras(process, steps, dtype=jnp.float32)
-        x = jax.random.normal(key, (16, 64), jnp.float32)
-        start = time.perf_counter()
-        jax.jit(lambda x, ts: samplers.ddim(None, den, process, x, ts)).lower(x, grid).compile()
-        results[f"compile_{steps}_steps_s"] = time.perf_counter() - start
-    results["compile_ratio_1000_over_10"] = (results["compile_1000_steps_s"]
-                                             / results["compile_10_steps_s"])
-    print("\n== speed (float32, 64-D Gaussian denoiser, N = 100, median of 15) ==")
+    results["per_nfe_overhead"] = per_nfe_overhead(key, den, process, ts, denoiser_only)
+
+    x = jax.random.normal(key, (16, 64), jnp.float32)
+    medians, rounds = compile_times(
+        lambda: lambda x, ts: samplers.ddim(None, den, process, x, ts),
+        {steps: (x, timesteps.karras(process, steps, dtype=jnp.float32)) for steps in (10, 1000)})
+    for steps, t in medians.items():
+        results[f"compile_{steps}_steps_s"] = t
+    results["compile_ratio_1000_over_10"] = median_ratio(rounds, 1000, 10)
+    print("\n== speed (float32, 64-D Gaussian denoiser, N = 100; medians of 21 interleaved rounds,"
+          " ratios within rounds; compile: 7 rounds) ==")
     for k, v in results.items():
-        print(f"{k:44s} {v:.4g}")
+        if k != "per_nfe_overhead":
+            print(f"{k:44s} {v:.4g}")
+    print("\n== time per network call, relative to the denoiser-only scan (N = 100) ==")
+    print(f"{'method':44s} {'NFE':>4s} {'B=16':>7s} {'B=4096':>7s}")
+    for name, row in results["per_nfe_overhead"].items():
+        print(f"{name:44s} {row['nfe']:4d} {row['B16']:7.3f} {row['B4096']:7.3f}")
     return results
+
+
+OVERHEAD_METHODS = [
+    ("pf_euler", {}),
+    ("ddim", {}),
+    ("ddpm", {}),
+    ("euler_ancestral", {}),
+    ("edm_heun", {}),
+    ("dpm_solver_pp", {"order": 2}),
+    ("dpm_solver_pp", {"order": 3, "third_order": "corrected"}),
+    ("dpm_solver_pp_singlestep", {"order": 3}),
+    ("unipc", {"order": 2, "variant": "bh2"}),
+]
+
+
+def per_nfe_overhead(key, den, process, ts, denoiser_only, repeats=11):
+    """Each sampler's time per network call over the denoiser-only scan's (1 = no overhead).
+
+    ``t_sampler / (t_scan * NFE / N)``, the ratio taken within interleaved rounds.
+    """
+    n = ts.shape[0] - 1
+    table = {}
+    for batch in (16, 4096):
+        x = jax.random.normal(key, (batch, 64), jnp.float32) * 80.0
+        runs = {"denoiser_scan": (denoiser_only, (x, ts))}
+        for method, kw in OVERHEAD_METHODS:
+            fn = jax.jit(lambda k, x, ts, m=method, kw=kw: run_sampler(m, kw, k, den, process,
+                                                                        x, ts))
+            runs[label(method, kw)] = (fn, (key, x, ts))
+        _, rounds = interleaved_times(runs, repeats=repeats)
+        for method, kw in OVERHEAD_METHODS:
+            name, calls = label(method, kw), nfe(method, kw, n, False)
+            row = table.setdefault(name, {"nfe": calls})
+            row[f"B{batch}"] = median_ratio(rounds, name, "denoiser_scan") * n / calls
+    return table
 
 
 def plot(rows, path):

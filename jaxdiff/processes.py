@@ -165,13 +165,35 @@ class AbstractProcess(abc.ABC):
             >>> x = jnp.ones((2, 3)); t = jnp.full((2,), 0.5)
             >>> drift = process.reverse_drift(x, t, jnp.zeros_like(x), eta=1.0)
         """
+        c_x, c_d = self.reverse_drift_coefficients(t, eta)
+        return broadcast_to_batch(c_x, x) * x + broadcast_to_batch(c_d, x) * x0_hat
+
+    def reverse_drift_coefficients(self, t, eta=1.0):
+        r"""The coefficients :math:`(c_x, c_{\hat x_0})` of :meth:`reverse_drift`.
+
+        .. math:: c_x = \frac{\dot\sigma}{\sigma} + \eta^2\frac{g^2}{2\sigma^2}, \qquad
+            c_{\hat x_0} = -(1+\eta^2)\frac{\alpha g^2}{2\sigma^2},
+
+        so that the drift is :math:`c_x x + c_{\hat x_0}\hat x_0`; samplers precompute them for a
+        whole grid.
+
+        Args:
+            t: time, shape ``()`` or ``(B,)``.
+            eta: noise multiplier :math:`\eta \ge 0` (scalar or ``(B,)``).
+
+        Returns:
+            ``(c_x, c_x0)``, each of the broadcast shape of ``t`` and ``eta``.
+
+        Examples:
+            >>> c_x, c_x0 = jaxdiff.EDMProcess().reverse_drift_coefficients(2.0, eta=0.0)
+        """
         t = as_float_array(t)
         alpha, sigma = self.alpha(t), self.sigma(t)
         g2_over_s2 = self.g2(t) / jnp.square(sigma)
         eta2 = jnp.square(jnp.asarray(eta))
         c_x = self.d_sigma(t) / sigma + 0.5 * eta2 * g2_over_s2
         c_d = -0.5 * (1.0 + eta2) * alpha * g2_over_s2
-        return broadcast_to_batch(c_x, x) * x + broadcast_to_batch(c_d, x) * x0_hat
+        return c_x, c_d
 
     def reverse_diffusion(self, t, eta=1.0):
         r"""Diffusion coefficient :math:`\eta\, g(t)` of the reverse-time SDE family."""

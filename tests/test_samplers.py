@@ -479,6 +479,26 @@ def test_vmap_over_keys_equals_separate_calls():
     assert not np.allclose(got[0], got[1], atol=1e-3)
 
 
+def test_constant_and_traced_grids_give_the_same_bits():
+    # Step coefficients are computed for the whole grid before the loop; XLA would constant-fold
+    # them for a closed-over grid with its own exp/log, changing last bits. float32 state.
+    process = PROCESSES["edm"]
+    ts = timesteps.karras(process, 6, final_zero=True, dtype=jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)) * 80.0, jnp.float32)
+    den = GAUSS32.denoiser(process)
+    names = ("pf_euler", "euler_maruyama", "ddim_eta1", "ddpm_fixed_large", "euler_ancestral",
+             "edm_heun", "edm_heun_churn")
+
+    def run_all(x, ts):
+        return {n: SAMPLERS[n].fn(KEY, den, process, x, ts, **SAMPLERS[n].kwargs) for n in names}
+
+    traced = jax.jit(run_all)(x, ts)
+    constant = jax.jit(lambda x: run_all(x, ts))(x)
+    for n in names:
+        assert traced[n].dtype == jnp.float32
+        np.testing.assert_array_equal(constant[n], traced[n], err_msg=n)
+
+
 @pytest.mark.parametrize("name", STOCHASTIC)
 @pytest.mark.parametrize("which", ["steps", "draws", "batch", "rank"])
 def test_explicit_noise_of_wrong_shape(name, which):

@@ -41,7 +41,7 @@ from ..samplers._core import (
     integrate,
     is_python_zero,
 )
-from ..samplers._first_order import _ddim_step
+from ..samplers._first_order import _ddim_apply, _ddim_coeffs
 from ._common import check_callable
 
 __all__ = ["svdd"]
@@ -208,14 +208,14 @@ def svdd(
     greedy = is_python_zero(temperature)
     keys = example_keys(key, batch, example_index)
 
+    def coeffs(t, s):  # DDIM(1)'s, computed as ddim/ddpm do, so M = 1 matches them bit for bit
+        return _ddim_coeffs(process, t.astype(dtype), s.astype(dtype), jnp.ones((), dtype))
+
     def step(carry, inp: StepInput):
         x, x0 = carry
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
         z = _candidate_noise(keys, inp.index, num_candidates, shape, state_dtype)
         candidates = jax.vmap(
-            lambda zm: _ddim_step(process, x, x0, t, s, jnp.ones((), dtype), zm).astype(
-                state_dtype
-            )
+            lambda zm: _ddim_apply(inp.coeffs, x, x0, inp.s, zm).astype(state_dtype)
         )(z)
         # At a final exact 0 the candidates all equal x0; the evaluation time only has to be
         # valid (its result is discarded by the where below).
@@ -233,5 +233,5 @@ def svdd(
     grid = ts[:-1] if final_zero else ts
     if grid.shape[0] < 2:
         return x0_init.astype(state_dtype)
-    (x, x0), _ = integrate(step, (x_init, x0_init), grid)
+    (x, x0), _ = integrate(step, (x_init, x0_init), grid, coeffs=coeffs)
     return (x0 if final_zero else x).astype(state_dtype)

@@ -67,8 +67,8 @@ def edm_heun(
     num_steps = ts.shape[0] - 1
     gamma_max = math.sqrt(2.0) - 1.0
 
-    def step(x, inp):
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
+    def coeffs(t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
         alpha_t = process.alpha(t)
         n_t = process.noise_level(t)
         final = s == 0
@@ -76,35 +76,42 @@ def edm_heun(
         s_ = jnp.where(final, t, s)
         n_s = jnp.where(final, 0.0, process.noise_level(s_))
         alpha_s = jnp.where(final, 1.0, process.alpha(s_))
-        xt = x / alpha_t
         if stochastic:
             in_range = (n_t >= s_tmin) & (n_t <= s_tmax)
             gamma = jnp.where(in_range, jnp.minimum(s_churn / num_steps, gamma_max), 0.0)
             n_hat = n_t * (1.0 + gamma)
             t_hat = process.t_from_noise_level(n_hat)
-            extra = n_t * jnp.sqrt(gamma * (2.0 + gamma))  # sqrt(n_hat^2 - n_t^2)
-            xt = xt + extra * s_noise * inp.noise[0]
+            extra = n_t * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise  # sqrt(n_hat^2 - n_t^2)
         else:
-            n_hat, t_hat = n_t, t
-        a_hat = process.alpha(t_hat)
-        x0 = call_denoiser(denoiser, (a_hat * xt).astype(x.dtype), t_hat, cond)
+            n_hat, t_hat, extra = n_t, t, None
         ratio = n_s / n_hat
+        return dict(alpha_t=alpha_t, alpha_s=alpha_s, s_=s_, t_hat=t_hat,
+                    a_hat=process.alpha(t_hat), extra=extra, ratio=ratio,
+                    inv_ratio=safe_div(n_hat, n_s))
+
+    def step(x, inp):
+        c = inp.coeffs
+        xt = x / c["alpha_t"]
+        if stochastic:
+            xt = xt + c["extra"] * inp.noise[0]
+        x0 = call_denoiser(denoiser, (c["a_hat"] * xt).astype(x.dtype), c["t_hat"], cond)
+        ratio = c["ratio"]
         x_euler = ratio * xt + (1.0 - ratio) * x0
 
         def heun(x_euler):
             # xt + (n_s - n_hat)(d + d')/2 with d = (xt - x0)/n_hat, d' = (x_euler - x0_s)/n_s,
             # expanded so that no difference is divided by a small noise level.
-            x0_s = call_denoiser(denoiser, (alpha_s * x_euler).astype(x.dtype), s_, cond)
-            inv_ratio = safe_div(n_hat, n_s)
+            x0_s = call_denoiser(denoiser, (c["alpha_s"] * x_euler).astype(x.dtype), c["s_"], cond)
             return (xt + 0.5 * (ratio - 1.0) * (xt - x0)
-                    + 0.5 * (1.0 - inv_ratio) * (x_euler - x0_s))
+                    + 0.5 * (1.0 - c["inv_ratio"]) * (x_euler - x0_s))
 
         # The last step to an exact 0 is Euler (2N - 1 calls); cond skips the unused evaluation.
-        x_heun = jax.lax.cond(final, lambda v: v, heun, x_euler)
-        return (alpha_s * x_heun).astype(x.dtype)
+        x_heun = jax.lax.cond(inp.s == 0, lambda v: v, heun, x_euler)
+        return (c["alpha_s"] * x_heun).astype(x.dtype)
 
     x, _ = integrate(
         step, x_init, ts, key=key, noise=noise, num_draws=num_draws,
         state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index, remat=remat,
+        coeffs=coeffs,
     )
     return x

@@ -24,10 +24,11 @@ from ._core import (
 __all__ = ["pf_euler", "euler_maruyama", "predictor_corrector", "ddim", "ddpm", "euler_ancestral"]
 
 
-def _run(step, x_init, ts, key, noise, num_draws, example_index, remat):
+def _run(step, x_init, ts, key, noise, num_draws, example_index, remat, coeffs=None):
     x, _ = integrate(
         step, x_init, ts, key=key, noise=noise, num_draws=num_draws,
         state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index, remat=remat,
+        coeffs=coeffs,
     )
     return x
 
@@ -62,14 +63,18 @@ def pf_euler(key, denoiser, process, x_init, ts, *, cond=None, remat=None):
     check_inputs(process, x_init, ts)
     dtype = coeff_dtype(x_init, ts)
 
-    def step(x, inp):
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
-        x0 = call_denoiser(denoiser, x, inp.t, cond)
-        s_ = safe_next_time(t, s)
-        x_next = x + (s_ - t) * process.pf_velocity(x, t, x0)
-        return jnp.where(s > 0, x_next, x0).astype(x.dtype)
+    def coeffs(t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
+        c_x, c_x0 = process.reverse_drift_coefficients(t, eta=0.0)
+        return safe_next_time(t, s) - t, c_x, c_x0
 
-    return _run(step, x_init, ts, None, None, 0, None, remat)
+    def step(x, inp):
+        dt, c_x, c_x0 = inp.coeffs
+        x0 = call_denoiser(denoiser, x, inp.t, cond)
+        x_next = x + dt * (c_x * x + c_x0 * x0)
+        return jnp.where(inp.s > 0, x_next, x0).astype(x.dtype)
+
+    return _run(step, x_init, ts, None, None, 0, None, remat, coeffs)
 
 
 def euler_maruyama(
@@ -94,16 +99,20 @@ def euler_maruyama(
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
 
-    def step(x, inp):
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
-        x0 = call_denoiser(denoiser, x, inp.t, cond)
+    def coeffs(t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
         s_ = safe_next_time(t, s)
-        drift = process.reverse_drift(x, t, x0, eta=eta)
-        diffusion = process.reverse_diffusion(t, eta) * safe_sqrt(t - s_)
-        x_next = x + (s_ - t) * drift + bcast(diffusion, x) * inp.noise[0]
-        return jnp.where(s > 0, x_next, x0).astype(x.dtype)
+        c_x, c_x0 = process.reverse_drift_coefficients(t, eta=eta)
+        return s_ - t, c_x, c_x0, process.reverse_diffusion(t, eta) * safe_sqrt(t - s_)
 
-    return _run(step, x_init, ts, key, noise, 1, example_index, remat)
+    def step(x, inp):
+        dt, c_x, c_x0, diffusion = inp.coeffs
+        x0 = call_denoiser(denoiser, x, inp.t, cond)
+        drift = bcast(c_x, x) * x + bcast(c_x0, x) * x0
+        x_next = x + dt * drift + bcast(diffusion, x) * inp.noise[0]
+        return jnp.where(inp.s > 0, x_next, x0).astype(x.dtype)
+
+    return _run(step, x_init, ts, key, noise, 1, example_index, remat, coeffs)
 
 
 def _per_example_norm(v):
@@ -182,8 +191,8 @@ def predictor_corrector(
     return _run(step, x_init, ts, key, noise, num_draws, example_index, remat)
 
 
-def _ddim_step(process, x, x0, t, s, eta, z):
-    r"""One DDIM(eta) step in closed form (shared by DDIM, DDPM and Euler-ancestral)."""
+def _ddim_coeffs(process, t, s, eta):
+    r"""The coefficients ``(c_x, c_x0, std)`` of one DDIM(eta) step from ``t`` to ``s``."""
     s_ = safe_next_time(t, s)
     alpha_s, sigma_s, sigma_t = process.alpha(s_), process.sigma(s_), process.sigma(t)
     h = half_log_snr(process, s_) - half_log_snr(process, t)
@@ -193,11 +202,21 @@ def _ddim_step(process, x, x0, t, s, eta, z):
     # 1 - k e^{-h} = (1 - e^{-h}) + e^{-h} (1 - k), each term >= 0 (no cancellation).
     c_x0 = alpha_s * (-jnp.expm1(-h) + jnp.exp(-h) * var_frac / (1.0 + k))
     c_x = sigma_s / sigma_t * k
-    std = sigma_s * safe_sqrt(var_frac)
+    return c_x, c_x0, sigma_s * safe_sqrt(var_frac)
+
+
+def _ddim_apply(coeffs, x, x0, s, z):
+    """Apply DDIM coefficients: ``c_x x + c_x0 x0 + std z``, or ``x0`` at a final exact 0."""
+    c_x, c_x0, std = coeffs
     x_next = bcast(c_x, x) * x + bcast(c_x0, x) * x0
     if z is not None:
         x_next = x_next + bcast(std, x) * z
     return jnp.where(s > 0, x_next, x0)
+
+
+def _ddim_step(process, x, x0, t, s, eta, z):
+    r"""One DDIM(eta) step in closed form (shared by DDIM, DDPM and the guided samplers)."""
+    return _ddim_apply(_ddim_coeffs(process, t, s, eta), x, x0, s, z)
 
 
 def ddim(
@@ -229,13 +248,15 @@ def ddim(
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
 
+    def coeffs(t, s):
+        return _ddim_coeffs(process, t.astype(dtype), s.astype(dtype), eta)
+
     def step(x, inp):
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
         x0 = call_denoiser(denoiser, x, inp.t, cond)
         z = None if num_draws == 0 else inp.noise[0]
-        return _ddim_step(process, x, x0, t, s, eta, z).astype(x.dtype)
+        return _ddim_apply(inp.coeffs, x, x0, inp.s, z).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, num_draws, example_index, remat)
+    return _run(step, x_init, ts, key, noise, num_draws, example_index, remat, coeffs)
 
 
 def euler_ancestral(
@@ -264,22 +285,25 @@ def euler_ancestral(
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
 
-    def step(x, inp):
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
-        x0 = call_denoiser(denoiser, x, inp.t, cond)
+    def coeffs(t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
         s_ = safe_next_time(t, s)
-        alpha_t, alpha_s = process.alpha(t), process.alpha(s_)
         n_t, n_s = process.noise_level(t), process.noise_level(s_)
         n_up = jnp.minimum(n_s, eta * n_s * safe_sqrt(1.0 - jnp.square(n_s / n_t)))
         n_down = jnp.sqrt(jnp.square(n_s) - jnp.square(n_up))
         ratio = n_down / n_t  # Euler step written as a convex combination of x~ and x0
+        return process.alpha(t), process.alpha(s_), ratio, n_up
+
+    def step(x, inp):
+        alpha_t, alpha_s, ratio, n_up = inp.coeffs
+        x0 = call_denoiser(denoiser, x, inp.t, cond)
         xt = x / bcast(alpha_t, x)
         xt_next = bcast(ratio, x) * xt + bcast(1.0 - ratio, x) * x0
         xt_next = xt_next + bcast(n_up, x) * inp.noise[0]
         x_next = bcast(alpha_s, x) * xt_next
-        return jnp.where(s > 0, x_next, x0).astype(x.dtype)
+        return jnp.where(inp.s > 0, x_next, x0).astype(x.dtype)
 
-    return _run(step, x_init, ts, key, noise, 1, example_index, remat)
+    return _run(step, x_init, ts, key, noise, 1, example_index, remat, coeffs)
 
 
 def ddpm(
@@ -317,19 +341,20 @@ def ddpm(
     dtype = coeff_dtype(x_init, ts)
     one = jnp.asarray(1.0, dtype)
 
-    def step(x, inp):
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
-        x0 = call_denoiser(denoiser, x, inp.t, cond)
+    def coeffs(t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
         if variance == "fixed_small":
             # The very same arithmetic as DDIM(1), so the two (and samplers built on this step,
             # e.g. SVDD with one candidate) agree bit for bit.
-            return _ddim_step(process, x, x0, t, s, one, inp.noise[0]).astype(x.dtype)
+            return _ddim_coeffs(process, t, s, one)
         s_ = safe_next_time(t, s)
         alpha_s, sigma_s, sigma_t = process.alpha(s_), process.sigma(s_), process.sigma(t)
         h = half_log_snr(process, s_) - half_log_snr(process, t)
         e2 = -jnp.expm1(-2.0 * h)
-        mean = bcast(sigma_s / sigma_t * jnp.exp(-h), x) * x + bcast(alpha_s * e2, x) * x0
-        x_next = mean + bcast(sigma_t * safe_sqrt(e2), x) * inp.noise[0]
-        return jnp.where(s > 0, x_next, x0).astype(x.dtype)
+        return sigma_s / sigma_t * jnp.exp(-h), alpha_s * e2, sigma_t * safe_sqrt(e2)
 
-    return _run(step, x_init, ts, key, noise, 1, example_index, remat)
+    def step(x, inp):
+        x0 = call_denoiser(denoiser, x, inp.t, cond)
+        return _ddim_apply(inp.coeffs, x, x0, inp.s, inp.noise[0]).astype(x.dtype)
+
+    return _run(step, x_init, ts, key, noise, 1, example_index, remat, coeffs)
