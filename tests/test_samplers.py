@@ -486,15 +486,21 @@ def test_constant_and_traced_grids_give_the_same_bits():
     ts = timesteps.karras(process, 6, final_zero=True, dtype=jnp.float32)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)) * 80.0, jnp.float32)
     den = GAUSS32.denoiser(process)
-    names = ("pf_euler", "euler_maruyama", "ddim_eta1", "ddpm_fixed_large", "euler_ancestral",
-             "edm_heun", "edm_heun_churn")
+    fns = {n: functools.partial(SAMPLERS[n].fn, **SAMPLERS[n].kwargs)
+           for n in ("pf_euler", "euler_maruyama", "ddim_eta1", "ddpm_fixed_large",
+                     "euler_ancestral", "edm_heun", "edm_heun_churn")}
+    fns.update({
+        "dpm_3m": functools.partial(samplers.dpm_solver_pp, order=3),
+        "dpm_2m_sde": functools.partial(samplers.dpm_solver_pp_sde, order=2),
+        "unipc_3": functools.partial(samplers.unipc, order=3),
+    })
 
     def run_all(x, ts):
-        return {n: SAMPLERS[n].fn(KEY, den, process, x, ts, **SAMPLERS[n].kwargs) for n in names}
+        return {n: fn(KEY, den, process, x, ts) for n, fn in fns.items()}
 
     traced = jax.jit(run_all)(x, ts)
     constant = jax.jit(lambda x: run_all(x, ts))(x)
-    for n in names:
+    for n in fns:
         assert traced[n].dtype == jnp.float32
         np.testing.assert_array_equal(constant[n], traced[n], err_msg=n)
 

@@ -208,7 +208,7 @@ def svdd(
     greedy = is_python_zero(temperature)
     keys = example_keys(key, batch, example_index)
 
-    def coeffs(t, s):  # DDIM(1)'s, computed as ddim/ddpm do, so M = 1 matches them bit for bit
+    def coeffs(_, t, s):  # DDIM(1)'s, computed as ddim/ddpm do, so M = 1 matches them bit for bit
         return _ddim_coeffs(process, t.astype(dtype), s.astype(dtype), jnp.ones((), dtype))
 
     def step(carry, inp: StepInput):

@@ -230,9 +230,9 @@ def integrate(
             carries. ``"nested"``: scan over :math:`\lceil\sqrt N\rceil`-step checkpointed
             segments, storing about :math:`2\sqrt N` carries for about one extra forward pass.
             A positive int ``L``: segments of ``L`` steps (``N mod L`` need not be 0).
-        coeffs: optional ``coeffs(t, s) -> pytree`` of a step's coefficients (arrays of shape
-            ``()`` or ``(B,)``), evaluated for all steps at once -- vectorised over the grid,
-            before the loop -- and fed to step ``n`` as ``StepInput.coeffs``. Inside the loop
+        coeffs: optional ``coeffs(n, t, s) -> pytree`` of step ``n``'s coefficients (arrays of
+            shape ``()`` or ``(B,)``), evaluated for all steps at once -- vectorised over the
+            grid, before the loop -- and fed to step ``n`` as ``StepInput.coeffs``. Inside the loop
             each scalar expression is its own small kernel, and at small batch these launches
             cost as much as the update itself (``experiments/sampler_bench.py``, 2 CPU cores:
             DDIM at B = 16 with a 64-D linear denoiser took 1.18-1.21x the time of a scan that
@@ -261,10 +261,11 @@ def integrate(
         carry = step(carry, StepInput(index, t, s, z, c))
         return carry, (record(carry) if record is not None else None)
 
+    index = jnp.arange(num_steps, dtype=jnp.int32)
     c = None
     if coeffs is not None:
         # The barrier stops XLA from constant-folding the coefficients of a constant grid with
         # its own (last-bit different) exp/log: a constant and a traced grid give the same bits.
-        c = jax.vmap(coeffs)(*jax.lax.optimization_barrier((ts[:-1], ts[1:])))
-    xs = (jnp.arange(num_steps, dtype=jnp.int32), ts[:-1], ts[1:], noise, c)
+        c = jax.vmap(coeffs)(index, *jax.lax.optimization_barrier((ts[:-1], ts[1:])))
+    xs = (index, ts[:-1], ts[1:], noise, c)
     return _scan_remat(body, carry, xs, num_steps, remat)

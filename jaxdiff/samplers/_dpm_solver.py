@@ -199,41 +199,50 @@ def _run_multistep(
             lam_hist = half_log_snr(process, jnp.asarray(t_hist).astype(dtype))
             # Missing entries repeat the oldest known lambda: zero-length steps (safe_div -> 0).
             lam_buf = lam_buf.at[:].set(lam_hist[-1]).at[:num_hist].set(lam_hist)
+        # The lambdas the buffer holds at step n are lam_ext[num_buf + n - 1 - j], j = 0, 1:
+        # the initial buffer (oldest first), then every grid time (barrier: see integrate).
+        lam_grid = half_log_snr(process, jax.lax.optimization_barrier(ts[:-1]).astype(dtype))
+        lam_ext = jnp.concatenate([lam_buf[::-1], lam_grid])
     else:
-        m_buf = lam_buf = None
+        m_buf = None
 
-    def step(carry, inp):
-        x, m_buf, lam_buf = carry
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
-        m0 = call_denoiser(denoiser, x, inp.t, cond)
+    def coeffs(n, t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
         s_ = safe_next_time(t, s)
         alpha_s, sigma_s, sigma_t = process.alpha(s_), process.sigma(s_), process.sigma(t)
-        lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, s_)
-        h = lam_s - lam_t
-        order_n = _step_order(inp.index, order, num_hist, num_steps, lower_order_final)
-        h1 = lam_t - lam_buf[0] if num_buf >= 1 else jnp.zeros_like(h)
-        h2 = lam_buf[0] - lam_buf[1] if num_buf >= 2 else jnp.zeros_like(h)
+        lam_t = half_log_snr(process, t)
+        h = half_log_snr(process, s_) - lam_t
+        order_n = _step_order(n, order, num_hist, num_steps, lower_order_final)
+        h1 = lam_t - lam_ext[num_buf + n - 1] if num_buf >= 1 else jnp.zeros_like(h)
+        h2 = (lam_ext[num_buf + n - 1] - lam_ext[num_buf + n - 2] if num_buf >= 2
+              else jnp.zeros_like(h))
         c0, c1, c2 = _multistep_coeffs(h, h1, h2, order_n, order, solver_type, third_factor, eta)
-        c_x = sigma_s / sigma_t * jnp.exp(-eta * h)
-        inner = bcast(c0, x) * m0
+        std = sigma_s * safe_sqrt(-jnp.expm1(-2.0 * eta * h)) if num_draws else None
+        return dict(c_x=sigma_s / sigma_t * jnp.exp(-eta * h), alpha_s=alpha_s, c0=c0, c1=c1,
+                    c2=c2, std=std)
+
+    def step(carry, inp):
+        x, m_buf = carry
+        c = inp.coeffs
+        m0 = call_denoiser(denoiser, x, inp.t, cond)
+        inner = bcast(c["c0"], x) * m0
         if num_buf >= 1:
-            inner = inner + bcast(c1, x) * (m0 - m_buf[0])
+            inner = inner + bcast(c["c1"], x) * (m0 - m_buf[0])
         if num_buf >= 2:
-            inner = inner + bcast(c2, x) * (m_buf[0] - m_buf[1])
-        x_next = bcast(c_x, x) * x + bcast(alpha_s, x) * inner
+            inner = inner + bcast(c["c2"], x) * (m_buf[0] - m_buf[1])
+        x_next = bcast(c["c_x"], x) * x + bcast(c["alpha_s"], x) * inner
         if num_draws:
-            std = sigma_s * safe_sqrt(-jnp.expm1(-2.0 * eta * h))
-            x_next = x_next + bcast(std, x) * inp.noise[0]
-        x_next = jnp.where(s > 0, x_next, m0).astype(x.dtype)
+            x_next = x_next + bcast(c["std"], x) * inp.noise[0]
+        x_next = jnp.where(inp.s > 0, x_next, m0).astype(x.dtype)
         if num_buf >= 1:
             # Ring buffer, most recent first: shift by one and put the new entry in front.
             m_buf = jnp.concatenate([m0.astype(m_dtype)[None], m_buf[:-1]], axis=0)
-            lam_buf = jnp.concatenate([lam_t[None], lam_buf[:-1]], axis=0)
-        return x_next, m_buf, lam_buf
+        return x_next, m_buf
 
-    (x, _, _), _ = integrate(
-        step, (x_init, m_buf, lam_buf), ts, key=key, noise=noise, num_draws=num_draws,
+    (x, _), _ = integrate(
+        step, (x_init, m_buf), ts, key=key, noise=noise, num_draws=num_draws,
         state_shape=x_init.shape, dtype=x_init.dtype, example_index=example_index, remat=remat,
+        coeffs=coeffs,
     )
     return x
 

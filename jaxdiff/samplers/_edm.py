@@ -67,7 +67,7 @@ def edm_heun(
     num_steps = ts.shape[0] - 1
     gamma_max = math.sqrt(2.0) - 1.0
 
-    def coeffs(t, s):
+    def coeffs(_, t, s):
         t, s = t.astype(dtype), s.astype(dtype)
         alpha_t = process.alpha(t)
         n_t = process.noise_level(t)

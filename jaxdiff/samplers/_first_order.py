@@ -63,7 +63,7 @@ def pf_euler(key, denoiser, process, x_init, ts, *, cond=None, remat=None):
     check_inputs(process, x_init, ts)
     dtype = coeff_dtype(x_init, ts)
 
-    def coeffs(t, s):
+    def coeffs(_, t, s):
         t, s = t.astype(dtype), s.astype(dtype)
         c_x, c_x0 = process.reverse_drift_coefficients(t, eta=0.0)
         return safe_next_time(t, s) - t, c_x, c_x0
@@ -99,7 +99,7 @@ def euler_maruyama(
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
 
-    def coeffs(t, s):
+    def coeffs(_, t, s):
         t, s = t.astype(dtype), s.astype(dtype)
         s_ = safe_next_time(t, s)
         c_x, c_x0 = process.reverse_drift_coefficients(t, eta=eta)
@@ -248,7 +248,7 @@ def ddim(
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
 
-    def coeffs(t, s):
+    def coeffs(_, t, s):
         return _ddim_coeffs(process, t.astype(dtype), s.astype(dtype), eta)
 
     def step(x, inp):
@@ -285,7 +285,7 @@ def euler_ancestral(
     dtype = coeff_dtype(x_init, ts)
     eta = jnp.asarray(eta, dtype)
 
-    def coeffs(t, s):
+    def coeffs(_, t, s):
         t, s = t.astype(dtype), s.astype(dtype)
         s_ = safe_next_time(t, s)
         n_t, n_s = process.noise_level(t), process.noise_level(s_)
@@ -341,7 +341,7 @@ def ddpm(
     dtype = coeff_dtype(x_init, ts)
     one = jnp.asarray(1.0, dtype)
 
-    def coeffs(t, s):
+    def coeffs(_, t, s):
         t, s = t.astype(dtype), s.astype(dtype)
         if variance == "fixed_small":
             # The very same arithmetic as DDIM(1), so the two (and samplers built on this step,

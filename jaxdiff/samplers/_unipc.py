@@ -14,6 +14,7 @@ recursion :math:`\varphi_{k+1} = (\varphi_k - 1/k!)/z` loses :math:`\epsilon/h^k
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -321,36 +322,45 @@ def unipc(
             q = jnp.minimum(q, num_steps - n)
         return jnp.clip(q, 1, p)
 
-    def step(carry, inp):
-        # x: predicted state at t; y, c_t: the corrector of x, pending the evaluation at x.
-        x, y, c_t, m_buf, lam_buf = carry
-        n = inp.index
-        t, s = inp.t.astype(dtype), inp.s.astype(dtype)
-        m_t = call_denoiser(denoiser, x, inp.t, cond).astype(dtype)
-        if corrector:  # UniC: complete the pending corrector with the new evaluation m_t
-            x_c = y + c_t * (m_t - m_buf[0])
-            x = jnp.where(n > 0, x_c.astype(x.dtype), x)
-        lam_t = half_log_snr(process, t)
-        m_buf = jnp.concatenate([m_t[None], m_buf[:-1]])
-        lam_buf = jnp.concatenate([lam_t[None], lam_buf[:-1]])
+    # After step n's push the buffer holds the lambdas lam_ext[p + n - j], j = 0..p-1: the
+    # initial buffer (oldest first), then every grid time (barrier: see integrate).
+    lam_grid = half_log_snr(process, jax.lax.optimization_barrier(ts[:-1]).astype(dtype))
+    lam_ext = jnp.concatenate([lam_buf[::-1], lam_grid])
 
-        # UniP from t to s (a final exact 0: zero-length stand-in step, output m_t), and the
-        # t-independent part of the corrector of its result.
+    def coeffs(n, t, s):
+        t, s = t.astype(dtype), s.astype(dtype)
         s_ = safe_next_time(t, s)
         alpha_s, sigma_s = process.alpha(s_), process.sigma(s_)
+        lam_t = half_log_snr(process, t)
         h = half_log_snr(process, s_) - lam_t
-        deltas = [lam_buf[j] - lam_t for j in range(1, p)]
+        deltas = [lam_ext[p + n - j] - lam_t for j in range(1, p)]
         hphi1, big_b, w_p, w_c, rho_t = _step_coeffs(
             h, deltas, order_at(n), p, variant, corrector, simplified_rho)
         c_b = -alpha_s * big_b
-        base = (sigma_s / process.sigma(t)) * x + (-alpha_s * hphi1) * m_t
-        diffs = m_buf[1:] - m_t[None]
-        x_next = base + _mix(c_b * w_p, diffs)
-        x_next = jnp.where(s > 0, x_next, m_t).astype(x.dtype)
-        if corrector:
-            y, c_t = base + _mix(c_b * w_c, diffs), c_b * rho_t
-        return (x_next, y, c_t, m_buf, lam_buf)
+        return dict(c_x=sigma_s / process.sigma(t), c_m=-alpha_s * hphi1, w_p=c_b * w_p,
+                    w_c=None if w_c is None else c_b * w_c,
+                    c_t=None if rho_t is None else c_b * rho_t)
 
-    carry = (x_init, jnp.zeros(x_init.shape, dtype), jnp.zeros((), dtype), m_buf, lam_buf)
-    (x, *_), _ = integrate(step, carry, ts, remat=remat)
+    def step(carry, inp):
+        # x: predicted state at t; y, c_t: the corrector of x, pending the evaluation at x.
+        x, y, c_t, m_buf = carry
+        c = inp.coeffs
+        m_t = call_denoiser(denoiser, x, inp.t, cond).astype(dtype)
+        if corrector:  # UniC: complete the pending corrector with the new evaluation m_t
+            x_c = y + c_t * (m_t - m_buf[0])
+            x = jnp.where(inp.index > 0, x_c.astype(x.dtype), x)
+        m_buf = jnp.concatenate([m_t[None], m_buf[:-1]])
+
+        # UniP from t to s (a final exact 0: zero-length stand-in step, output m_t), and the
+        # t-independent part of the corrector of its result.
+        base = c["c_x"] * x + c["c_m"] * m_t
+        diffs = m_buf[1:] - m_t[None]
+        x_next = base + _mix(c["w_p"], diffs)
+        x_next = jnp.where(inp.s > 0, x_next, m_t).astype(x.dtype)
+        if corrector:
+            y, c_t = base + _mix(c["w_c"], diffs), c["c_t"]
+        return (x_next, y, c_t, m_buf)
+
+    carry = (x_init, jnp.zeros(x_init.shape, dtype), jnp.zeros((), dtype), m_buf)
+    (x, *_), _ = integrate(step, carry, ts, remat=remat, coeffs=coeffs)
     return x
