@@ -137,3 +137,28 @@ def test_guidance_demo_quick_writes_the_panel_and_numbers(digits_run, tmp_path):
     for task in ("inpainting", "super_resolution"):
         assert (results[f"{task}_measurement_error"]
                 < results[f"{task}_measurement_error_unguided"])
+
+
+@pytest.mark.slow  # about two minutes on 2 cores (the --quick benchmark)
+def test_sampler_bench_quick_writes_its_tables(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, os.path.join("experiments", "sampler_bench.py"), "--quick",
+                    "--out", str(out)], cwd=root, check=True, capture_output=True)
+    assert os.path.isfile(f"{out}.png")
+    with open(f"{out}.json") as f:
+        record = json.load(f)
+    rows = record["accuracy"]
+    assert {r["kind"] for r in rows} == {"flow_error", "sample_quality", "sample_quality_floor"}
+    heun = sorted((r["steps"], r["error"]) for r in rows if r["kind"] == "flow_error"
+                  and r["method"] == "edm_heun" and r["grid"] == "karras")
+    errors = [e for _, e in heun]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05, heun
+    speed = record["speed"]
+    for key in ("ratio_sampler_over_denoiser_scan_B16", "ratio_sampler_over_denoiser_scan_B4096",
+                "speedup_vs_python_loop_B16", "compile_ratio_1000_over_10"):
+        assert np.isfinite(speed[key]) and speed[key] > 0, key
+    assert set(speed["per_nfe_overhead"]) >= {"ddim", "edm_heun", "unipc(order=2,variant=bh2)"}
