@@ -2,9 +2,10 @@ r"""The shared machinery of every sampler: one ``lax.scan`` over consecutive gri
 
 A sampler is a pure function ``(key, denoiser, process, x_init, ts, *, cond=None, ...) -> x``.
 It integrates from ``ts[0]`` to ``ts[-1]`` over the pairs ``(ts[i], ts[i+1])`` of a strictly
-decreasing grid. Each method supplies a *step* ``(carry, StepInput) -> carry`` and an initial
-carry; :func:`integrate` runs the scan, feeds per-example noise and a step counter, and
-optionally records the trajectory.
+decreasing grid. Each method supplies a *step* ``(carry, StepInput) -> carry``, an initial
+carry and usually a *coefficient function* of ``(n, t, s)``; :func:`integrate` evaluates the
+coefficients for the whole grid before the loop, runs the scan, feeds per-example noise, the
+step counter and step ``n``'s coefficients, and optionally records the trajectory.
 
 Noise. Stochastic samplers draw the noise of example ``i`` at step ``n`` from
 ``fold_in(fold_in(key, example_index[i]), n)``, so a sample depends only on its own index and
