@@ -43,7 +43,7 @@ class StepInput(NamedTuple):
     t: jax.Array  # () current time
     s: jax.Array  # () next time (< t; may be exactly 0 at the last step)
     noise: Any  # (num_draws, B, ...) standard normals, or None for deterministic methods
-    coeffs: Any = None  # this step's slice of ``coeffs(ts[:-1], ts[1:])`` (see ``integrate``)
+    coeffs: Any = None  # step n's slice of the precomputed ``coeffs(n, t, s)`` (see integrate)
 
 
 def example_keys(key, batch, example_index=None):

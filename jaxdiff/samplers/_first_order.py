@@ -215,7 +215,7 @@ def _ddim_apply(coeffs, x, x0, s, z):
 
 
 def _ddim_step(process, x, x0, t, s, eta, z):
-    r"""One DDIM(eta) step in closed form (shared by DDIM, DDPM and the guided samplers)."""
+    r"""One DDIM(eta) step in closed form (guided samplers; DDIM and DDPM use its two halves)."""
     return _ddim_apply(_ddim_coeffs(process, t, s, eta), x, x0, s, z)
 
 
